@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from peftkit.errors import PeftkitError
@@ -26,6 +27,12 @@ def _common_kwargs(section: ModelSection) -> dict[str, Any]:
 
 
 def _explain(section: ModelSection, what: str, exc: Exception) -> ModelLoadError:
+    name = section.name_or_path
+    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
+        return ModelLoadError(
+            f"model.name_or_path: the local folder {name} does not exist (moved or deleted?); "
+            "restore it or point the recipe at the model's new location"
+        )
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     hint = (
         "the Hugging Face Hub is unreachable or the id is wrong: use a local folder or "

@@ -1,0 +1,27 @@
+"""Every shipped recipe loads and validates, opens with the command that runs it, and names offline data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from peftkit.recipe import load_recipe, recipes_dir
+from peftkit.tasks import TASKS
+
+RECIPES = sorted(recipes_dir().glob("*.toml"))
+
+
+def test_recipes_are_shipped() -> None:
+    assert "seq_cls_lora" in {p.stem for p in RECIPES}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_shipped_recipe_validates(path: Path) -> None:
+    first = path.read_text().splitlines()[0]
+    assert first == f"# peftkit finetune recipes/{path.name}", "a recipe opens with the command that runs it"
+    recipe = load_recipe(path)
+    assert recipe.task_name in TASKS
+    data = recipe.data
+    local = [data.dataset, data.train_file]
+    assert any(p and Path(p).exists() for p in local), "shipped recipes run offline on data in the repo"
