@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from peftkit.tasks import seq_cls
+from peftkit.tasks import qa, seq_cls
 from peftkit.tasks.base import Task
 
 TASKS: dict[str, Task] = {
     "seq_cls": seq_cls.TASK,
+    "qa": qa.TASK,
 }
 
 __all__ = ["TASKS", "Task"]
