@@ -20,13 +20,20 @@ def present_heads(model: Any, candidates: tuple[str, ...]) -> list[str]:
     return [head for head in candidates if head in names]
 
 
-def default_target_modules(model_config: Any) -> Any:
-    """peft's per-architecture defaults (e.g. BERT: query/value; Llama: q_proj/v_proj), else all-linear."""
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAPPING
+def default_target_modules(method: str, model_config: Any) -> Any:
+    """peft's per-architecture defaults for the method (e.g. LoRA on BERT: query/value), else all-linear.
 
+    ``None`` means "let peft choose": IA3 must pick its target and feed-forward modules together
+    (feed-forward modules must be a subset of the targets), which peft's own mapping does.
+    """
+    from peft.utils import constants
+
+    mapping = getattr(constants, f"TRANSFORMERS_MODELS_TO_{method.upper()}_TARGET_MODULES_MAPPING", {})
     model_type = getattr(model_config, "model_type", None)
-    if model_type in MAPPING:
-        return list(MAPPING[model_type])
+    if model_type in mapping:
+        return None if method == "ia3" else list(mapping[model_type])
+    if method == "ia3":
+        return None  # peft raises its own clear error for an architecture it has no IA3 defaults for
     return "all-linear"
 
 
@@ -40,7 +47,7 @@ def build_peft_config(options: dict[str, Any], task: Task, model: Any, model_con
     options["task_type"] = task.peft_task_type(model_config)
     if method in LAYER_METHODS:
         if options.get("target_modules") is None:
-            options["target_modules"] = default_target_modules(model_config)
+            options["target_modules"] = default_target_modules(method, model_config)
         heads = present_heads(model, task.head_modules)
         options["modules_to_save"] = sorted({*heads, *(options.get("modules_to_save") or [])}) or None
     return cls(**options)

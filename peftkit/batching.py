@@ -40,18 +40,39 @@ def length_grouped_batches(
 
 
 class ShuffledLengthGroupedSampler(torch.utils.data.Sampler[int]):
-    """Index sampler yielding :func:`length_grouped_batches` flattened (one DataLoader batch each)."""
+    """Index sampler yielding :func:`length_grouped_batches` flattened (one DataLoader batch each).
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, generator: torch.Generator | None = None):
+    With ``seed``, epoch ``e`` is shuffled by a generator seeded with ``seed + e`` (the Trainer calls
+    :meth:`set_epoch`), so the order of an epoch depends on nothing else. That is what makes a resumed run
+    see the same batches as an uninterrupted one: drawing from torch's global RNG instead made the order of
+    epoch 2 depend on everything that consumed random numbers during epoch 1 (dropout, evaluation), which a
+    run resumed in epoch 2 never replays. Without ``seed`` or ``generator`` it draws from the global RNG.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+    ):
         self.lengths = list(lengths)
         self.batch_size = batch_size
         self.generator = generator
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __iter__(self) -> Iterator[int]:
-        batches = length_grouped_batches(self.lengths, self.batch_size, generator=self.generator)
+        generator = self.generator
+        if generator is None and self.seed is not None:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        batches = length_grouped_batches(self.lengths, self.batch_size, generator=generator)
         return iter([i for batch in batches for i in batch])
 
 

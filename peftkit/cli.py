@@ -45,6 +45,10 @@ def _setup_logging() -> None:
 
 def _quiet_libraries() -> None:
     """Keep the console for peftkit's own progress and summary."""
+    import warnings
+
+    # peft calls a transformers method deprecated for v6 on every adapter load; not the user's concern
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         import transformers
 
@@ -160,13 +164,14 @@ def recipes_show(name: str) -> None:
 def recipes_copy(name: str, dest: Path, overwrite: bool) -> None:
     """Copy a shipped recipe to DEST (a file or a folder), with its paths rewritten to stay valid."""
     from peftkit.errors import PeftkitError
+    from peftkit.runs import write_text_atomic
 
     source = _shipped(name)
     target = dest / source.name if dest.is_dir() else dest
     if target.exists() and not overwrite:
         raise PeftkitError(f"{target}: exists; use --overwrite to replace it")
     text = _rebase_paths(source.read_text(), source.parent, target.parent.resolve())
-    target.write_text(text)
+    write_text_atomic(target, text)
     click.echo(f"copied {name} to {target}")
 
 
@@ -242,6 +247,223 @@ def predict(run_dir: Path, input_path: Path, output_path: Path) -> None:
     click.echo(f"wrote {len(results)} predictions to {output_path}")
 
 
+DTYPE_CHOICE = click.Choice(["float32", "bfloat16", "float16"])
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the merged model.")
+@click.option(
+    "--dtype", type=DTYPE_CHOICE, help="Saved weights dtype (merging is float32). Default: [export]."
+)
+@click.option("--max-shard-size", help="Largest safetensors file, e.g. 2GB. Default: [export].")
+@click.option("--checkpoint", help="Merge a checkpoint instead: best, last or checkpoint-N.")
+@click.option("--samples", default=32, show_default=True, help="Validation examples the check compares.")
+@click.option(
+    "--tolerance", default=1e-4, show_default=True, help="Largest float32 |Δlogit| the check accepts."
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing merge/export output.")
+@user_errors
+def merge(
+    run_dir: Path,
+    out: Path,
+    dtype: str | None,
+    max_shard_size: str | None,
+    checkpoint: str | None,
+    samples: int,
+    tolerance: float,
+    overwrite: bool,
+) -> None:
+    """Merge a run's adapter into its base model; check the reloaded result against the adapter."""
+    _quiet_libraries()
+    from peftkit.merge import merge_run
+
+    result = merge_run(
+        run_dir,
+        out,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        checkpoint=checkpoint,
+        overwrite=overwrite,
+        samples=samples,
+        tolerance=tolerance,
+    )
+    report = result.report
+    click.echo(f"\nMerged model: {result.out_dir} ({report['dtype']}, {', '.join(report['weight_files'])})")
+    _echo_checks(report["verification"])
+    click.echo(f"  {report['timing_s']['total_s']:.1f} s; peak RSS {report['peak_rss_mb']} MB")
+
+
+def _echo_checks(verification: dict[str, Any]) -> None:
+    sample = verification["sample"]
+    click.echo(f"  sample: {sample['examples']} examples of the {sample['split'] or 'random'} split")
+    for check in verification["checks"]:
+        click.echo(
+            f"  {check['name']:>8}: max |Δlogit| {check['max_abs_diff']:.3g}  "
+            f"agreement {check['agreement']:.4f} ({check['predictions_compared']} predictions)  "
+            f"{'passed' if check['passed'] else 'FAILED'}"
+        )
+    quantized = verification.get("quantized_adapter")
+    if quantized and "max_abs_diff" in quantized:
+        click.echo(
+            f"  4-bit model as trained vs merged: max |Δlogit| {quantized['max_abs_diff']:.3g}  "
+            f"agreement {quantized['agreement']:.4f}"
+        )
+
+
+@main.command("merge-adapters")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the new run.")
+@click.option(
+    "--method",
+    type=click.Choice(["linear", "cat", "svd", "ties", "dare_linear", "dare_ties"]),
+    default="linear",
+    show_default=True,
+    help="peft's combination of the LoRA matrices.",
+)
+@click.option("--weights", help="One weight per run, comma-separated (default: equal, summing to 1).")
+@click.option("--density", type=float, help="ties/dare: fraction of entries kept, in (0, 1].")
+@click.option("--svd-rank", type=int, help="svd: rank of the result (default: the largest rank).")
+@click.option("--seed", default=0, show_default=True, help="Seed for DARE's random drop.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@user_errors
+def merge_adapters(
+    run_dirs: tuple[Path, ...],
+    out: Path,
+    method: str,
+    weights: str | None,
+    density: float | None,
+    svd_rank: int | None,
+    seed: int,
+    overwrite: bool,
+) -> None:
+    """Combine the LoRA adapters of several runs (same base, task, labels) into a new run directory."""
+    _quiet_libraries()
+    from peftkit.errors import PeftkitError
+    from peftkit.merge import merge_adapters as combine
+
+    try:
+        parsed = [float(w) for w in weights.split(",")] if weights else None
+    except ValueError:
+        raise PeftkitError(f"--weights {weights!r}: give numbers separated by commas, e.g. 0.7,0.3") from None
+    result = combine(
+        run_dirs,
+        out,
+        method=method,
+        weights=parsed,
+        density=density,
+        svd_rank=svd_rank,
+        overwrite=overwrite,
+        seed=seed,
+    )
+    merge_info = result.meta["merge"]
+    click.echo(f"\nCombined adapter run: {result.out_dir} (LoRA r={merge_info['rank']}, method {method})")
+    click.echo(f"  weights {merge_info['weights']}; heads averaged: {bool(merge_info['heads'])}")
+    click.echo(
+        "  distance from the weighted sum of the runs' updates: "
+        f"{merge_info['task_arithmetic_relative_error']:.3g} (relative)"
+    )
+    click.echo(f"  evaluate it: peftkit evaluate {result.out_dir}")
+
+
+@main.command()
+@click.argument("source", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the bundle.")
+@click.option(
+    "--format",
+    "formats",
+    multiple=True,
+    type=click.Choice(["safetensors", "onnx"]),
+    help="safetensors and/or onnx (repeatable). Default: the recipe's [export] formats.",
+)
+@click.option("--dtype", type=DTYPE_CHOICE, help="Weights dtype of the safetensors files. Default: [export].")
+@click.option("--max-shard-size", help="Largest safetensors file, e.g. 2GB. Default: [export].")
+@click.option("--samples", default=32, show_default=True, help="Examples the parity checks compare.")
+@click.option(
+    "--tolerance", default=1e-4, show_default=True, help="Largest float32 |Δlogit| the merge check accepts."
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing merge/export output.")
+@user_errors
+def export(
+    source: Path,
+    out: Path,
+    formats: tuple[str, ...],
+    dtype: str | None,
+    max_shard_size: str | None,
+    samples: int,
+    tolerance: float,
+    overwrite: bool,
+) -> None:
+    """Write a deployable bundle from a run directory (merged on the way) or a merged model folder."""
+    _quiet_libraries()
+    from peftkit.export import export_bundle
+
+    result = export_bundle(
+        source,
+        out,
+        formats=formats or None,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        samples=samples,
+        tolerance=tolerance,
+    )
+    manifest = result.manifest
+    size = sum(f["bytes"] for f in manifest["files"].values()) / 2**20
+    click.echo(f"\nBundle: {result.out_dir} ({', '.join(manifest['formats'])}; {size:.1f} MiB)")
+    if manifest.get("merge_verification"):
+        _echo_checks(manifest["merge_verification"])
+    onnx = manifest.get("onnx")
+    if onnx:
+        click.echo(
+            f"      onnx: max |Δlogit| {onnx['max_abs_diff']:.3g}  agreement {onnx['agreement']:.4f} "
+            f"({onnx['predictions_compared']} predictions, {onnx['sample']['split']} split)  passed"
+        )
+    if manifest.get("pipeline_task"):
+        click.echo(f'  pipeline("{manifest["pipeline_task"]}", model="{result.out_dir}")')
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE", help=SET_HELP)
+@click.option("--seq-len", type=int, default=None, help="Tokens per example (default: task.max_length).")
+@user_errors
+def plan(recipe: Path, overrides: tuple[str, ...], seq_len: int | None) -> None:
+    """Parameters and training memory of a recipe, without loading weights."""
+    from peftkit.recipe import load_recipe
+
+    loaded = load_recipe(recipe, overrides)
+    _quiet_libraries()
+    from peftkit.plan import format_bytes, plan_recipe
+
+    result = plan_recipe(loaded, seq_len=seq_len)
+    click.echo(f"{'module':<36} {'params':>14} {'trainable':>12}")
+    for row in result.rows:
+        click.echo(f"{row.name:<36} {row.total:>14,} {row.trainable:>12,}")
+    share = 100 * result.trainable_params / max(result.total_params, 1)
+    click.echo(f"{'total':<36} {result.total_params:>14,} {result.trainable_params:>12,} ({share:.2f}%)\n")
+    optim = loaded.train.get("optim", "adamw_torch_fused")
+    lines = [
+        ("weights", result.weight_bytes),
+        ("gradients", result.grad_bytes),
+        (
+            f"optimizer ({optim}, {100 * result.optimizer_8bit_fraction:.0f}% of state 8-bit)",
+            result.optimizer_bytes,
+        ),
+        ("model state", result.model_state_bytes),
+        (
+            f"activations (batch {result.batch_size} x {result.seq_len} tokens"
+            f"{', checkpointed' if result.gradient_checkpointing else ''}; estimate)",
+            result.activation_bytes,
+        ),
+        ("total", result.total_bytes),
+    ]
+    for label, value in lines:
+        click.echo(f"{label:<70} {format_bytes(value):>12}")
+    for note in result.notes:
+        click.echo(f"note: {note}")
+
+
 @main.command()
 def env() -> None:
     """Versions of peftkit's stack and the devices torch sees."""
@@ -270,7 +492,12 @@ def env() -> None:
 def _format_metrics(metrics: dict[str, Any]) -> str:
     """The headline numbers: loss, the task's scores, per-class F1; not throughput or supports."""
     skip = ("precision_", "recall_", "support_", "runtime", "_per_second")
-    shown = [k for k, v in metrics.items() if isinstance(v, (int, float)) and not any(s in k for s in skip)]
+    per_type = ("_precision", "_recall", "_f1", "_support", "_total")  # token_cls entity types, QA counts
+    shown = [
+        k
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not any(s in k for s in skip) and not k.endswith(per_type)
+    ]
     return "  ".join(
         f"{k}={metrics[k]:.4f}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}" for k in shown
     )

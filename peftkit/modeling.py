@@ -122,7 +122,27 @@ def load_model(
         model = cls.from_pretrained(section.name_or_path, **kwargs)
     except (OSError, ValueError) as exc:
         raise _explain(section, "model", exc) from None
+    if section.gguf_file:
+        drop_gguf_marker(model)
     pad_id = ctx.tokenizer.pad_token_id
     if getattr(model.config, "pad_token_id", None) is None and pad_id is not None:
         model.config.pad_token_id = pad_id  # classification heads on decoder models find the last token by it
     return model
+
+
+def drop_gguf_marker(model: Any) -> None:
+    """Let a model loaded from a GGUF file be saved as the plain float model it is.
+
+    transformers 5 dequantises every GGUF tensor on load but keeps a ``GgufHfQuantizer`` on the model (and a
+    ``quantization_config`` in its config), which makes ``save_pretrained`` refuse it as "not serializable"
+    and the Trainer refuse to fine-tune it as a quantized model. The weights are plain floats by then.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is None or str(getattr(method, "value", method)) != "gguf":
+        return
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config

@@ -19,7 +19,7 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -157,6 +157,12 @@ ADAPTER_METHODS: dict[str, str] = {
     "prompt_tuning": "PromptTuningConfig",
     "p_tuning": "PromptEncoderConfig",
 }
+# Prompt-learning methods prepend virtual tokens: peft supports them for sequence-level heads and generation,
+# not where every input position has its own label or span (token classification, extractive QA).
+PROMPT_TASKS = frozenset({"seq_cls", "seq2seq"})
+METHOD_TASKS: dict[str, frozenset[str]] = {
+    m: PROMPT_TASKS for m in ("prefix_tuning", "prompt_tuning", "p_tuning")
+}
 # Friendlier spellings accepted in [adapter]; the peft name is what is stored.
 ADAPTER_ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "rank": "r"}
 # peft fields peftkit sets itself from [task] and [model]
@@ -174,6 +180,8 @@ TRAIN_OWN_KEYS: dict[str, str] = {
     "or a path to a DeepSpeed JSON",
     "early_stopping_patience": "stop after this many evaluations without improvement",
     "early_stopping_threshold": "smallest improvement that counts for early stopping",
+    "resume": '"auto" continues the run in output_dir from its newest complete checkpoint (as --resume '
+    'does); "never" (the default) refuses an existing run directory',
 }
 # TrainingArguments keys transformers 5 removed, with their replacement
 TRAIN_REMOVED_KEYS: dict[str, str] = {
@@ -417,7 +425,7 @@ def _task_section(raw: Any, problems: list[Problem]) -> TaskConfig | None:
     if task_type is None:
         problems.append(Problem("task.type", "required key is missing", f"set type = one of {names}"))
         return None
-    if task_type not in TASKS:
+    if not isinstance(task_type, str) or task_type not in TASKS:
         hint = did_you_mean(str(task_type), names)
         problems.append(
             Problem(
@@ -438,7 +446,7 @@ def _task_section(raw: Any, problems: list[Problem]) -> TaskConfig | None:
 def _adapter_section(raw: dict[str, Any], problems: list[Problem]) -> dict[str, Any] | None:
     raw = dict(raw)
     method = raw.pop("method", "lora")
-    if method not in ADAPTER_METHODS:
+    if not isinstance(method, str) or method not in ADAPTER_METHODS:
         hint = did_you_mean(str(method), ADAPTER_METHODS)
         problems.append(
             Problem(
@@ -549,6 +557,7 @@ def _check_own_train_key(key: str, value: Any) -> str:
         "deepspeed": str,
         "early_stopping_patience": int,
         "early_stopping_threshold": float,
+        "resume": Literal["auto", "never"],
     }
     error = check_value(value, expected[key])
     if not error and key == "early_stopping_patience" and value < 1:
@@ -720,6 +729,33 @@ def _check_combinations(
                     "set eval_strategy = 'epoch' or 'steps'",
                 )
             )
+    if adapter is not None and task is not None:
+        method, task_type = adapter.get("method", "lora"), str(getattr(task, "type", ""))
+        supported = METHOD_TASKS.get(method)
+        if supported is not None and task_type not in supported:
+            problems.append(
+                Problem(
+                    "adapter.method",
+                    f"{method!r} does not support the {task_type!r} task",
+                    f"use it with {' or '.join(sorted(supported))}, or use method = 'lora' for {task_type}",
+                )
+            )
+    if train is not None:
+        optim = str(train.get("optim", ""))
+        if ("8bit" in optim or "bnb" in optim or optim.startswith("paged_")) and not _installed(
+            "bitsandbytes"
+        ):
+            problems.append(
+                Problem(
+                    "train.optim",
+                    f"{optim!r} needs bitsandbytes, which is not installed",
+                    "pip install bitsandbytes",
+                )
+            )
+    if quant is not None and not _installed("bitsandbytes"):
+        problems.append(
+            Problem("quantization", "needs bitsandbytes, which is not installed", "pip install bitsandbytes")
+        )
     if quant is not None and model is not None and model.gguf_file:
         problems.append(
             Problem("quantization", "cannot be combined with model.gguf_file", "remove one of them")
@@ -734,6 +770,12 @@ def _check_combinations(
                 "quantization", f"not supported with method {adapter.get('method')!r}", "use method = 'lora'"
             )
         )
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def _cuda_available() -> bool:
@@ -809,6 +851,8 @@ def _fits(value: Any, annotation: Any) -> bool:
     if origin is Literal:
         return value in args
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        if not isinstance(value, Hashable):  # a list or a table is never an enum member
+            return False
         return value in {m.value for m in annotation} or value in annotation.__members__
     if annotation is bool:
         return isinstance(value, bool)

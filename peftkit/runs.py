@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
+import struct
 import subprocess
 import tempfile
+import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -22,10 +28,16 @@ from typing import Any
 
 from peftkit.errors import RunDirError
 
+logger = logging.getLogger(__name__)
+
 RUN_META = "peftkit_run.json"
 LABELS = "labels.json"
 METRICS = "metrics.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+PICKLED_ADAPTER = "adapter_model.bin"
+TRAINER_STATE = "trainer_state.json"
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+STAGING = ".peftkit-staging"
 PACKAGES = (
     "peftkit",
     "torch",
@@ -81,6 +93,55 @@ def read_json(path: Path) -> Any:
         raise RunDirError(
             f"{path}:{exc.lineno}: corrupted JSON ({exc.msg}); re-run the step that wrote it"
         ) from None
+    except UnicodeDecodeError:
+        raise RunDirError(f"{path}: corrupted (not UTF-8 text); re-run the step that wrote it") from None
+    except OSError as exc:
+        raise RunDirError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def read_json_object(path: Path, required: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
+    """A JSON file that must hold an object with these keys of these types; else a RunDirError naming it."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise RunDirError(
+            f"{path}: corrupted (expected a JSON object, found {type(data).__name__}); "
+            "re-run the step that wrote it"
+        )
+    for key, kind in required.items():
+        if key not in data:
+            raise RunDirError(f"{path}: corrupted (no {key!r} entry); re-run the step that wrote it")
+        if not isinstance(data[key], kind):
+            raise RunDirError(
+                f"{path}: corrupted ({key!r} is a {type(data[key]).__name__}); re-run the step that wrote it"
+            )
+    return data
+
+
+@contextlib.contextmanager
+def staging_dir(run_dir: Path) -> Iterator[Path]:
+    """A scratch folder inside the run directory for artifacts written by other libraries.
+
+    transformers, peft and matplotlib write files in place; writing them here first and then
+    :func:`publish` renaming each into the run directory means no reader ever sees half a file.
+    """
+    stage = run_dir / STAGING
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def publish(stage: Path, run_dir: Path) -> list[Path]:
+    """Move every file of ``stage`` to the same place under ``run_dir`` (one atomic rename each)."""
+    published = []
+    for source in sorted(p for p in stage.rglob("*") if p.is_file()):
+        target = run_dir / source.relative_to(stage)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+        published.append(target)
+    return published
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
@@ -131,9 +192,213 @@ def update_meta(run_dir: Path, **fields: Any) -> dict[str, Any]:
     """Merge fields into peftkit_run.json (atomically)."""
     path = run_dir / RUN_META
     meta = read_json(path) if path.exists() else {}
+    if not isinstance(meta, dict):
+        meta = {}
     meta.update(fields)
     write_json_atomic(path, meta)
     return meta
+
+
+# --------------------------------------------------------------------------------------------------
+# The process that owns a run
+
+
+def process_fields() -> dict[str, Any]:
+    """Who is writing the run (stored in peftkit_run.json), so a later command can tell a dead run."""
+    return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+def process_gone(meta: dict[str, Any]) -> bool:
+    """True when the run's process ran on this machine and no longer exists (killed or crashed)."""
+    pid, host = meta.get("pid"), meta.get("host")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists but belongs to someone else
+        return False
+    return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: which one a resumed run can trust
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is unusable ('missing', truncated, garbled header), or None.
+
+    Reads only the header, so it is cheap: a file cut short by a crash while it was written has a
+    header promising more bytes than the file holds.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                return "truncated (too short to be a safetensors file)"
+            (header_size,) = struct.unpack("<Q", prefix)
+            if header_size > size - 8:
+                return "corrupted or truncated (its header runs past the end of the file)"
+            header = json.loads(handle.read(header_size).decode("utf-8"))
+            ends = [int(info["data_offsets"][1]) for name, info in header.items() if name != "__metadata__"]
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    except (UnicodeDecodeError, ValueError, AttributeError, KeyError, TypeError, IndexError):
+        return "corrupted (not a safetensors file: unreadable header)"
+    needed = 8 + header_size + max(ends, default=0)
+    if size < needed:
+        return f"truncated ({size} of {needed} bytes)"
+    return None
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    """torch.save writes zip archives; one cut short has no central directory at its end."""
+    if not path.is_file():
+        return f"no {path.name}"
+    if not zipfile.is_zipfile(path):
+        return f"{path.name} is truncated or corrupted"
+    return None
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a Trainer checkpoint cannot be resumed from, or None when it is complete.
+
+    The Trainer writes a checkpoint in this order: adapter, optimizer and scheduler, RNG states, and
+    trainer_state.json last; a process that died while writing one leaves some of these missing or cut
+    short.
+    """
+    state_path = folder / TRAINER_STATE
+    if not state_path.is_file():
+        return f"no {TRAINER_STATE} (the Trainer writes it last)"
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"{TRAINER_STATE} is unreadable"
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        return f"{TRAINER_STATE} has no global_step"
+    config = folder / ADAPTER_FILES[0]
+    try:
+        if not isinstance(json.loads(config.read_text(encoding="utf-8")), dict):
+            return f"{config.name} is unreadable"
+    except FileNotFoundError:
+        return f"no {config.name}"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"{config.name} is unreadable"
+    weights_problem = safetensors_problem(folder / ADAPTER_FILES[1])
+    if weights_problem:
+        return f"{ADAPTER_FILES[1]} is {weights_problem}"
+    if any(folder.glob("global_step*")):  # DeepSpeed keeps optimizer states in its own folder
+        return None
+    for name in ("optimizer.pt", "scheduler.pt"):
+        problem = _torch_file_problem(folder / name)
+        if problem:
+            return problem
+    rng = folder / "rng_state.pth"
+    if rng.exists() and not zipfile.is_zipfile(rng):
+        return f"{rng.name} is truncated or corrupted"
+    return None
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's ``checkpoint-<step>`` folders, newest (highest step) first."""
+    if not run_dir.is_dir():
+        return []
+    found = [
+        (int(match.group(1)), path)
+        for path in run_dir.iterdir()
+        if (match := CHECKPOINT_NAME.match(path.name)) and path.is_dir()
+    ]
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def newest_valid_checkpoint(run_dir: Path, *, log: bool = True, set_aside: bool = False) -> Path | None:
+    """The newest complete checkpoint; newer incomplete ones are skipped with a log line naming them.
+
+    ``set_aside`` renames the skipped ones to ``incomplete-checkpoint-<step>`` (kept, never deleted) so that
+    the resumed run does not write its own checkpoint of that step into a half-written folder. The name
+    must not start with ``checkpoint-``: the Trainer's rotation would count the folder and delete it.
+    """
+    for folder in list_checkpoints(run_dir):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        if log:
+            logger.warning(
+                "skipping %s: %s; it was being written when the run stopped, so it cannot be trusted",
+                folder,
+                problem,
+            )
+        if set_aside:
+            target = folder.with_name(f"incomplete-{folder.name}")
+            suffix = 1
+            while target.exists():
+                suffix += 1
+                target = folder.with_name(f"incomplete{suffix}-{folder.name}")
+            folder.rename(target)
+            if log:
+                logger.warning("moved it to %s", target)
+    return None
+
+
+RESUME_FIXED_TABLES = ("model", "task", "data", "adapter", "quantization")
+
+
+def check_resumable(run_dir: Path, recipe: dict[str, Any]) -> dict[str, Any] | None:
+    """Before resuming: the run there was made by the same recipe and no live process is writing it.
+
+    Returns the run's metadata (None when there is no run yet). A resumed run must train the same model
+    on the same data with the same adapter; [train] may change (more epochs), with a warning.
+    """
+    path = run_dir / RUN_META
+    if not path.exists():
+        return None
+    meta = read_json_object(path, {"recipe": dict})
+    pid = meta.get("pid")
+    if (
+        meta.get("status") == "running"
+        and pid != os.getpid()
+        and meta.get("host") == socket.gethostname()
+        and isinstance(pid, int)
+        and not process_gone(meta)
+    ):
+        raise RunDirError(
+            f"{run_dir}: another process (pid {pid}) is training this run ({path} says 'running'); "
+            "wait for it to finish or stop it, then resume"
+        )
+    stored = json.loads(json.dumps(meta["recipe"], default=str))
+    current = json.loads(json.dumps(recipe, default=str))
+    changed = _changed_keys(stored, current, RESUME_FIXED_TABLES)
+    if changed:
+        raise RunDirError(
+            f"{run_dir}: cannot resume: the recipe changed since this run started ({', '.join(changed)}); "
+            "a resumed run must train the same model on the same data. Undo the change, use --overwrite "
+            "to start over, or set another train.output_dir"
+        )
+    train_changes = _changed_keys(stored, current, ("train",))
+    if train_changes:
+        logger.warning(
+            "resuming with changed [train] keys %s; optimizer and scheduler states come from the checkpoint",
+            ", ".join(train_changes),
+        )
+    return meta
+
+
+def _changed_keys(stored: dict[str, Any], current: dict[str, Any], tables: tuple[str, ...]) -> list[str]:
+    changed = []
+    for table in tables:
+        old, new = stored.get(table) or {}, current.get(table) or {}
+        if not isinstance(old, dict):
+            old = {}
+        changed += [f"{table}.{key}" for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    return changed
+
+
+# --------------------------------------------------------------------------------------------------
+# Reloading a finished run
 
 
 @dataclass
@@ -148,34 +413,89 @@ class LoadedRun:
     meta: dict[str, Any]
 
 
+def incomplete_run_message(run_dir: Path, meta: dict[str, Any]) -> str:
+    """Why a run cannot be used yet, its last good checkpoint, and the command that finishes it."""
+    status = meta.get("status")
+    if status == "running" and process_gone(meta):
+        what = (
+            f"the run did not finish: its status is still 'running' but its process (pid {meta['pid']}) "
+            "is gone, so it was killed or crashed"
+        )
+    elif status == "running":
+        what = "the run is still 'running' (training now, or killed on another machine)"
+    else:
+        error = f" ({meta['error']})" if meta.get("error") else ""
+        what = f"the run is {status!r}{error}, not completed"
+    checkpoint = newest_valid_checkpoint(run_dir, log=False)
+    where = (
+        f"its last good checkpoint is {checkpoint} (usable in place of the final adapter, e.g. "
+        f"`peftkit merge {run_dir} --checkpoint {checkpoint.name} --out <folder>`)"
+        if checkpoint
+        else "it has no complete checkpoint"
+    )
+    recipe = meta.get("recipe_source") or "<recipe>"
+    return f"{run_dir}: {what}; {where}. Finish it with `peftkit finetune {recipe} --resume`"
+
+
+def check_adapter_files(folder: Path) -> None:
+    """adapter_config.json and adapter_model.safetensors are there and whole; pickled weights are refused."""
+    config, weights = (folder / name for name in ADAPTER_FILES)
+    pickled = folder / PICKLED_ADAPTER
+    if not weights.exists() and pickled.exists():
+        raise RunDirError(
+            f"{pickled}: refused: adapter weights in pickle format can run arbitrary code when loaded, and "
+            f"peftkit loads only {weights.name}. Re-run finetune, or convert a file you trust with "
+            "safetensors.torch.save_file"
+        )
+    for path in (config, weights):
+        if not path.is_file():
+            raise RunDirError(f"{path}: missing; the run directory is incomplete, re-run finetune")
+    peft_type = read_json_object(config, {"peft_type": str})["peft_type"]
+    from peft import PeftType
+
+    if peft_type not in {member.value for member in PeftType}:
+        raise RunDirError(f"{config}: corrupted (unknown peft_type {peft_type!r}); re-run finetune")
+    problem = safetensors_problem(weights)
+    if problem:
+        raise RunDirError(f"{weights}: {problem}; re-run finetune")
+    if pickled.exists():
+        logger.warning("ignoring %s: peftkit loads only %s", pickled, weights.name)
+
+
 def check_complete(run_dir: Path, adapter_dir: Path | None = None) -> dict[str, Any]:
-    """The run's metadata, after checking it finished and its adapter files are there."""
+    """The run's metadata, after checking it finished and its adapter files are there and whole.
+
+    With ``adapter_dir`` (a checkpoint of the run) the run need not have finished.
+    """
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: no such run directory; pass the folder `peftkit finetune` wrote")
-    meta = read_json(run_dir / RUN_META)
-    status = meta.get("status")
-    if status != "completed" and adapter_dir is None:
-        checkpoints = sorted(
-            run_dir.glob("checkpoint-*"),
-            key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1,
-        )
-        extra = f"; its last checkpoint is {checkpoints[-1]}" if checkpoints else ""
-        error = f" ({meta['error']})" if meta.get("error") else ""
-        raise RunDirError(
-            f"{run_dir}: the run is {status!r}{error}, not completed{extra}. "
-            "Finish it with `peftkit finetune <recipe> --resume` or name a checkpoint"
-        )
-    folder = adapter_dir or run_dir
-    for name in ADAPTER_FILES:
-        if not (folder / name).is_file():
-            raise RunDirError(f"{folder / name}: missing; the run directory is incomplete, re-run finetune")
+    meta = read_json_object(run_dir / RUN_META, {"recipe": dict})
+    if meta.get("status") != "completed" and adapter_dir is None:
+        raise RunDirError(incomplete_run_message(run_dir, meta))
+    check_adapter_files(adapter_dir or run_dir)
     return meta
+
+
+def _check_labels_match_config(labels_path: Path, labels: tuple[str, ...] | None, config_path: Path) -> None:
+    """labels.json and the saved model config (id2label) were written together; they must agree."""
+    if labels is None or not config_path.is_file():
+        return
+    id2label = read_json_object(config_path, {}).get("id2label")
+    if not isinstance(id2label, dict):
+        return
+    names = [id2label[key] for key in sorted(id2label, key=lambda k: int(k) if str(k).isdigit() else -1)]
+    if names != list(labels):
+        raise RunDirError(
+            f"{labels_path}: corrupted (labels {list(labels)} do not match id2label {names} in "
+            f"{config_path.name}); re-run finetune"
+        )
 
 
 def load_run(run_dir: str | os.PathLike[str], adapter_dir: str | os.PathLike[str] | None = None) -> LoadedRun:
     """Recipe, labels, tokenizer and the adapter model, from the run directory alone."""
     from peft import PeftModel
 
+    from peftkit.errors import PeftkitError
     from peftkit.modeling import load_model, load_model_config, load_tokenizer
     from peftkit.recipe import load_resolved_recipe
     from peftkit.tasks import TASKS
@@ -186,16 +506,37 @@ def load_run(run_dir: str | os.PathLike[str], adapter_dir: str | os.PathLike[str
     meta = check_complete(run_dir, Path(adapter_dir) if adapter_dir else None)
     recipe = load_resolved_recipe(run_dir)
     task = TASKS[recipe.task_name]
-    labels_data = read_json(run_dir / LABELS)
-    labels = tuple(labels_data["labels"]) if labels_data.get("labels") is not None else None
-    tokenizer = load_tokenizer(recipe.model, source=str(run_dir))
+    labels_path = run_dir / LABELS
+    labels_data = read_json_object(labels_path, {"labels": (list, type(None))})
+    labels = tuple(labels_data["labels"]) if labels_data["labels"] is not None else None
+    if labels is not None and (not labels or not all(isinstance(label, str) for label in labels)):
+        raise RunDirError(f"{labels_path}: corrupted (labels must be a list of names); re-run finetune")
+    _check_labels_match_config(labels_path, labels, run_dir / "config.json")
+    # a checkpoint carries the tokenizer too; an interrupted run has it only there
+    tokenizer_dir = folder if (folder / "tokenizer_config.json").is_file() else run_dir
+    if not (tokenizer_dir / "tokenizer_config.json").is_file():
+        raise RunDirError(
+            f"{tokenizer_dir / 'tokenizer_config.json'}: missing; the run directory is incomplete, "
+            "re-run finetune"
+        )
+    try:
+        tokenizer = load_tokenizer(recipe.model, source=str(tokenizer_dir))
+    except PeftkitError as exc:
+        cause = exc.__context__ or exc  # the loader's own error, without its hint about model.name_or_path
+        first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        raise RunDirError(
+            f"{tokenizer_dir}: the saved tokenizer cannot be loaded ({type(cause).__name__}: {first}); "
+            "re-run finetune"
+        ) from None
     model_config = load_model_config(recipe.model)
     ctx = TaskContext(cfg=recipe.task, tokenizer=tokenizer, labels=labels, model_config=model_config)
     base = load_model(recipe.model, task, ctx, quant=None)
     try:
         model = PeftModel.from_pretrained(base, str(folder))
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+    except Exception as exc:  # anything failing here is a broken or mismatched adapter
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RunDirError(f"{folder}: the adapter cannot be loaded ({first}); re-run finetune") from None
+        raise RunDirError(
+            f"{folder}: the adapter cannot be loaded ({type(exc).__name__}: {first}); re-run finetune"
+        ) from None
     model.eval()
     return LoadedRun(run_dir=run_dir, recipe=recipe, task=task, ctx=ctx, model=model, meta=meta)

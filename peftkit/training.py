@@ -1,20 +1,30 @@
 """The fine-tuning run: recipe → data → model → adapter → Trainer → run directory.
 
 ``finetune`` reads top to bottom; each step is one call into the module that owns it.
+
+Reliability: the run directory's status (peftkit_run.json) says ``running``, ``completed``, ``failed``
+or ``interrupted``; SIGINT/SIGTERM during training save a checkpoint and stop cleanly; ``resume``
+continues from the newest complete checkpoint with the same data order, so the result equals an
+uninterrupted run's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
+import signal
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from peftkit import runs
+from peftkit.errors import PeftkitError, RunDirError
 from peftkit.recipe import TRAIN_OWN_KEYS, Recipe
 from peftkit.tasks import TASKS
 from peftkit.tasks.base import Task, TaskContext
@@ -28,8 +38,21 @@ class RunResult:
     metrics: dict[str, Any]
 
 
+class TrainingInterrupted(PeftkitError):
+    """SIGINT or SIGTERM stopped the run after saving a checkpoint; exits with 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int, summary: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+        self.summary = summary
+
+
 def finetune(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> RunResult:
-    """Fine-tune the recipe's base model with its adapter and write the run directory."""
+    """Fine-tune the recipe's base model with its adapter and write the run directory.
+
+    ``resume`` (or ``[train] resume = "auto"``) continues the run in the output directory from its newest
+    complete checkpoint; with none there, training starts from the beginning.
+    """
     from transformers import set_seed
 
     from peftkit.adapters import apply_adapter, count_parameters
@@ -39,67 +62,206 @@ def finetune(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -
     started = time.time()
     run_dir = recipe.output_dir.resolve()
     main = runs.is_main_process()
+    resume = resume or recipe.train.get("resume") == "auto"
     if main:
         runs.prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
+    checkpoint = resume_checkpoint(recipe, run_dir, main) if resume else None
+    if main and not resume:
+        runs.write_json_atomic(run_dir / runs.RUN_META, _run_meta(recipe, status="running"))
     task = TASKS[recipe.task_name]
     set_seed(recipe.train["seed"])
-    if main:
-        runs.write_json_atomic(run_dir / runs.RUN_META, _run_meta(recipe, status="running"))
 
-    try:
-        # setup
-        tokenizer = load_tokenizer(recipe.model)
-        model_config = load_model_config(recipe.model)
-        # data
-        raw = load_raw_datasets(recipe.data, task.columns)
-        labels = task.prepare_labels(raw, recipe.task)
-        ctx = TaskContext(cfg=recipe.task, tokenizer=tokenizer, labels=labels, model_config=model_config)
-        features = tokenize_splits(raw, task, ctx, num_proc=recipe.data.num_proc)
-        # model and adapter
-        model = load_model(recipe.model, task, ctx, recipe.quantization)
-        if recipe.quantization is not None:
-            from peft import prepare_model_for_kbit_training
+    with stop_requests() as stop:
+        try:
+            # setup
+            tokenizer = load_tokenizer(recipe.model)
+            model_config = load_model_config(recipe.model)
+            # data
+            raw = load_raw_datasets(recipe.data, task.columns)
+            labels = task.prepare_labels(raw, recipe.task)
+            if main:  # early, so that a checkpoint of an interrupted run can be used on its own
+                runs.write_json_atomic(run_dir / runs.LABELS, _labels_record(task, labels))
+            ctx = TaskContext(cfg=recipe.task, tokenizer=tokenizer, labels=labels, model_config=model_config)
+            features = tokenize_splits(raw, task, ctx, num_proc=recipe.data.num_proc)
+            # model and adapter
+            model = load_model(recipe.model, task, ctx, recipe.quantization)
+            if recipe.quantization is not None:
+                from peft import prepare_model_for_kbit_training
 
-            model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=bool(recipe.train.get("gradient_checkpointing"))
-            )
-        model = apply_adapter(model, recipe.adapter, task, model_config)
-        trainable, total = count_parameters(model)
-        # train
-        trainer = build_trainer(recipe, task, ctx, model, raw, features, run_dir)
-        checkpoint = _resume_checkpoint(run_dir) if resume else None
-        train_output = trainer.train(resume_from_checkpoint=checkpoint)
-        # evaluate the kept (best) model on validation and test
-        metrics: dict[str, Any] = {"train": dict(train_output.metrics)}
-        for split in ("validation", "test"):
-            if split not in features:
-                continue
-            split_metrics, predictions, references = evaluate_split(
-                trainer, task, ctx, raw[split], features[split], split
-            )
-            metrics[split] = split_metrics
+                model = prepare_model_for_kbit_training(
+                    model, use_gradient_checkpointing=bool(recipe.train.get("gradient_checkpointing"))
+                )
+            model = apply_adapter(model, recipe.adapter, task, model_config)
+            trainable, total = count_parameters(model)
+            # train (a first SIGINT/SIGTERM now saves a checkpoint and stops after the current step)
+            trainer = build_trainer(recipe, task, ctx, model, raw, features, run_dir, stop=stop)
+            stop.training = True
+            train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            stop.training = False
+            if stop.signum is not None:
+                raise interrupted(recipe, run_dir, stop.signum, trainer.state)
+            # evaluate the kept (best) model on validation and test
+            metrics: dict[str, Any] = {"train": dict(train_output.metrics)}
+            for split in ("validation", "test"):
+                if split not in features:
+                    continue
+                split_metrics, predictions, references = evaluate_split(
+                    trainer, task, ctx, raw[split], features[split], split
+                )
+                metrics[split] = split_metrics
+                if main:
+                    records = [
+                        {"prediction": p, **({"reference": references[i]} if references else {})}
+                        for i, p in enumerate(predictions)
+                    ]
+                    runs.write_jsonl_atomic(run_dir / f"predictions_{split}.jsonl", records)
+            metrics["trainable_params"] = trainable
+            metrics["total_params"] = total
+            metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+            metrics["wall_time_s"] = round(time.time() - started, 1)
+            metrics["best_checkpoint"] = trainer.state.best_model_checkpoint
+            if checkpoint is not None:
+                metrics["resumed_from"] = str(checkpoint)
+            # save
             if main:
-                records = [
-                    {"prediction": p, **({"reference": references[i]} if references else {})}
-                    for i, p in enumerate(predictions)
-                ]
-                runs.write_jsonl_atomic(run_dir / f"predictions_{split}.jsonl", records)
-        metrics["trainable_params"] = trainable
-        metrics["total_params"] = total
-        metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        metrics["wall_time_s"] = round(time.time() - started, 1)
-        metrics["best_checkpoint"] = trainer.state.best_model_checkpoint
-        # save
-        if main:
-            save_run(trainer, recipe, task, ctx, run_dir, metrics, data_fingerprints(raw))
-    except BaseException as exc:
-        if main and (run_dir / runs.RUN_META).exists():
-            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            runs.update_meta(
-                run_dir, status=status, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()
-            )
-        raise
+                save_run(trainer, recipe, task, ctx, run_dir, metrics, data_fingerprints(raw))
+        except TrainingInterrupted as exc:
+            _record_stop(main, run_dir, "interrupted", exc.summary)
+            raise
+        except KeyboardInterrupt:
+            # a signal outside training, or a second one during it: stop at once
+            stopped = interrupted(recipe, run_dir, stop.signum or signal.SIGINT, None)
+            _record_stop(main, run_dir, "interrupted", stopped.summary)
+            raise stopped from None
+        except BaseException as exc:
+            _record_stop(main, run_dir, "failed", f"{type(exc).__name__}: {exc}")
+            raise
     return RunResult(run_dir=run_dir, metrics=metrics)
+
+
+def resume_checkpoint(recipe: Recipe, run_dir: Path, main: bool) -> Path | None:
+    """The checkpoint to resume from, after checking the run there may be resumed with this recipe.
+
+    Incomplete checkpoints (the process died while writing them) are skipped with a log line, and set
+    aside by the main process. The run's metadata records each resume.
+    """
+    if recipe.train.get("save_only_model"):
+        raise RunDirError(
+            f"{run_dir}: cannot resume: train.save_only_model = true keeps no optimizer, scheduler or RNG "
+            "state in the checkpoints; remove it (or use --overwrite to start over)"
+        )
+    previous = runs.check_resumable(run_dir, recipe.to_dict()) if main else None
+    checkpoint = runs.newest_valid_checkpoint(run_dir, log=main, set_aside=main)
+    if checkpoint is None and previous is not None and previous.get("status") == "completed":
+        raise RunDirError(
+            f"{run_dir}: the run is completed and has no checkpoint left to resume from; "
+            "use --overwrite to train it again"
+        )
+    if main:
+        if checkpoint is None and previous is None:
+            logger.info("resume: no run in %s yet, starting from the beginning", run_dir)
+        elif checkpoint is None:
+            logger.warning("resume: no complete checkpoint in %s, starting from the beginning", run_dir)
+        else:
+            logger.info("resuming from %s", checkpoint)
+        meta = _run_meta(recipe, status="running")
+        if previous is not None:
+            meta["started"] = previous.get("started", meta["started"])
+            history = previous.get("resumes")
+            meta["resumes"] = [*(history if isinstance(history, list) else [])]
+            meta["resumes"].append(
+                {
+                    "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "from_checkpoint": str(checkpoint) if checkpoint else None,
+                    "previous_status": previous.get("status"),
+                }
+            )
+        runs.write_json_atomic(run_dir / runs.RUN_META, meta)
+    return checkpoint
+
+
+def interrupted(recipe: Recipe, run_dir: Path, signum: int, state: Any) -> TrainingInterrupted:
+    """The error that ends an interrupted run: where it stopped, its checkpoint, and how to resume."""
+    name = signal.Signals(signum).name
+    at = f" at step {state.global_step} of {state.max_steps}" if state is not None else ""
+    checkpoint = runs.newest_valid_checkpoint(run_dir, log=False)
+    saved = f"its last checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved"
+    return TrainingInterrupted(
+        f"training stopped by {name}{at}; {saved}. Resume with: peftkit finetune {recipe.source} --resume",
+        signum,
+        summary=f"stopped by {name}{at}",
+    )
+
+
+def _record_stop(main: bool, run_dir: Path, status: str, error: str) -> None:
+    if main and (run_dir / runs.RUN_META).exists():
+        runs.update_meta(run_dir, status=status, error=error, traceback=traceback.format_exc())
+
+
+@dataclass
+class StopRequest:
+    """Set by the SIGINT/SIGTERM handler; read by :class:`SaveAndStopOnSignal` at the end of each step."""
+
+    signum: int | None = None
+    training: bool = False  # while True a first signal asks for a checkpoint instead of stopping at once
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[StopRequest]:
+    """Handle SIGINT and SIGTERM while fine-tuning; the previous handlers come back afterwards.
+
+    During training the first signal only raises a flag (the Trainer then saves a checkpoint and stops
+    after the current step); outside training, or on a second signal, it stops at once with a
+    KeyboardInterrupt. Signal handlers can only be set from the main thread: elsewhere nothing changes.
+    """
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        first = request.signum is None
+        if first:
+            request.signum = signum
+        if first and request.training:
+            logger.warning(
+                "%s received: saving a checkpoint after this step, then stopping (send it again to stop now)",
+                signal.Signals(signum).name,
+            )
+            return
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def save_and_stop_callback(request: StopRequest) -> Any:
+    """A TrainerCallback that ends training with a checkpoint once ``request`` holds a signal."""
+    from transformers import TrainerCallback
+
+    class SaveAndStopOnSignal(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if request.signum is not None:
+                control.should_training_stop = True
+            return control
+
+        def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            # The Trainer runs its end-of-epoch logging, evaluation and saving even when training stops
+            # mid-epoch; save there (whatever save_strategy says), but evaluate and log only at a real epoch
+            # end, so that the checkpoint, its RNG states and the log history match an uninterrupted run's.
+            if request.signum is None:
+                return control
+            control.should_save = True
+            if not float(state.epoch or 0).is_integer():
+                control.should_evaluate = False
+                control.should_log = False
+            return control
+
+    return SaveAndStopOnSignal()
 
 
 def training_arguments(recipe: Recipe, task: Task, run_dir: Path) -> Any:
@@ -129,6 +291,7 @@ def build_trainer(
     raw: Any,
     features: dict[str, Any],
     run_dir: Path,
+    stop: StopRequest | None = None,
 ) -> Any:
     from transformers import EarlyStoppingCallback, Trainer
 
@@ -142,6 +305,8 @@ def build_trainer(
                 early_stopping_threshold=recipe.train.get("early_stopping_threshold", 0.0),
             )
         )
+    if stop is not None:
+        callbacks.append(save_and_stop_callback(stop))
     validation = "validation" in features and args.eval_strategy != "no"
     return trainer_cls(
         model=model,
@@ -158,7 +323,10 @@ def build_trainer(
 
 
 def with_shuffled_length_groups(trainer_cls: Any) -> Any:
-    """The Trainer class with shuffled length-grouped training batches and evaluation in dataset order."""
+    """The Trainer class with shuffled length-grouped training batches and evaluation in dataset order.
+
+    Evaluation also leaves the random state alone, so that resumed runs replay uninterrupted ones.
+    """
     import torch
 
     from peftkit.batching import ShuffledLengthGroupedSampler
@@ -172,7 +340,17 @@ def with_shuffled_length_groups(trainer_cls: Any) -> Any:
             if self.args.train_sampling_strategy != "group_by_length" or column not in lengths:
                 return super()._get_train_sampler(train_dataset)
             batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
-            return ShuffledLengthGroupedSampler(self.train_dataset[column], batch)
+            # seeded per epoch (set_epoch), so that a resumed run sees the same batches (batching.py)
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return ShuffledLengthGroupedSampler(self.train_dataset[column], batch, seed=seed)
+
+        def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+            # Evaluation draws from the global RNG (each DataLoader iterator takes a seed from it). A
+            # checkpoint saved just before an evaluation holds the RNG state from before it, so a run
+            # resumed there would continue with other dropout masks than the uninterrupted run: keep
+            # evaluation out of the random stream training continues from.
+            with preserved_rng_state():
+                return super().evaluate(*args, **kwargs)
 
         def _get_eval_sampler(self, eval_dataset: Any) -> Any:
             # transformers 5 also length-groups *evaluation* under group_by_length, which returns
@@ -184,6 +362,24 @@ def with_shuffled_length_groups(trainer_cls: Any) -> Any:
 
     PeftkitTrainer.__name__ = PeftkitTrainer.__qualname__ = f"Peftkit{trainer_cls.__name__}"
     return PeftkitTrainer
+
+
+@contextlib.contextmanager
+def preserved_rng_state() -> Iterator[None]:
+    """Python's, numpy's and torch's (CPU and CUDA) random states are the same after the block as before."""
+    import random
+
+    import numpy as np
+    import torch
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def metrics_function(task: Task, ctx: TaskContext, examples: Any, features: Any) -> Any:
@@ -221,25 +417,32 @@ def save_run(
     metrics: dict[str, Any],
     fingerprints: dict[str, Any],
 ) -> None:
-    """Adapter, tokenizer, config with labels, labels.json, metrics, plots; status last."""
+    """Adapter, tokenizer, config with labels, labels.json, metrics, plots; status last.
+
+    Files written by transformers, peft and matplotlib go to a staging folder first and are then renamed
+    into place one by one, so every file appears whole; "completed" is written only after all of them.
+    """
     from peftkit.plots import plot_curves
 
-    trainer.save_model(str(run_dir))  # adapter_config.json + adapter_model.safetensors + tokenizer
-    # the Trainer also pickles its arguments there; the resolved recipe in peftkit_run.json replaces it
-    (run_dir / "training_args.bin").unlink(missing_ok=True)
-    base_config = trainer.model.get_base_model().config
-    base_config.save_pretrained(str(run_dir))  # id2label/label2id travel with the adapter
-    runs.write_json_atomic(
-        run_dir / runs.LABELS,
-        {"labels": list(ctx.labels) if ctx.labels is not None else None, "task": task.name},
-    )
-    runs.write_json_atomic(run_dir / runs.METRICS, metrics)
     metric, _ = task.best_metric(recipe.task)
-    plot_curves(trainer.state.log_history, run_dir / "plots", metric)
+    with runs.staging_dir(run_dir) as stage:
+        trainer.save_model(str(stage))  # adapter_config.json + adapter_model.safetensors + tokenizer
+        # the Trainer also pickles its arguments there; the resolved recipe in peftkit_run.json replaces it
+        (stage / "training_args.bin").unlink(missing_ok=True)
+        base_config = trainer.model.get_base_model().config
+        base_config.save_pretrained(str(stage))  # id2label/label2id travel with the adapter
+        plot_curves(trainer.state.log_history, stage / "plots", metric)
+        runs.publish(stage, run_dir)
+    runs.write_json_atomic(run_dir / runs.LABELS, _labels_record(task, ctx.labels))
+    runs.write_json_atomic(run_dir / runs.METRICS, metrics)
     runs.write_json_atomic(run_dir / "log_history.json", trainer.state.log_history)
     runs.update_meta(
         run_dir, status="completed", data=fingerprints, labels=list(ctx.labels or []), error=None
     )
+
+
+def _labels_record(task: Task, labels: Any) -> dict[str, Any]:
+    return {"labels": list(labels) if labels is not None else None, "task": task.name}
 
 
 def _run_meta(recipe: Recipe, status: str) -> dict[str, Any]:
@@ -252,16 +455,47 @@ def _run_meta(recipe: Recipe, status: str) -> dict[str, Any]:
         "versions": runs.package_versions(),
         "git_commit": runs.git_commit(Path(__file__).parent),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **runs.process_fields(),
     }
 
 
-def _resume_checkpoint(run_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def check_split_labels(loaded: runs.LoadedRun, raw: Any, split: str) -> None:
+    """The split's labels are ones the run was trained on (else tokenizing it fails deep inside a map).
 
-    last = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
-    if last is None:
-        logger.warning("--resume: no checkpoint in %s, starting from the beginning", run_dir)
-    return last
+    The task's own label discovery runs on the train split and this one, as in training, and must find
+    the run's labels (labels.json) again.
+    """
+    from datasets import DatasetDict
+
+    from peftkit.errors import DataError
+
+    subset = DatasetDict({name: raw[name] for name in dict.fromkeys(("train", split))})
+    try:
+        labels = loaded.task.prepare_labels(subset, loaded.recipe.task)
+    except DataError as exc:
+        message = str(exc)
+        named = next((name for name in subset if message.startswith(f"{name} split")), None)
+        origin = split_origin(loaded.recipe.data, named) if named else None
+        raise DataError(f"{origin}: {message}" if origin else message) from None
+    expected = loaded.ctx.labels
+    found = tuple(labels) if labels is not None else None
+    if found != (tuple(expected) if expected is not None else None):
+        origin = split_origin(loaded.recipe.data, "train")
+        raise DataError(
+            f"{origin + ': ' if origin else ''}the data's labels {list(found or [])} differ from the run's "
+            f"{list(expected or [])} ({loaded.run_dir / runs.LABELS}): the data changed since training; "
+            "evaluate on the data the run was trained on"
+        )
+
+
+def split_origin(section: Any, split: str) -> str | None:
+    """Where a split of the recipe's data comes from, for messages: its file, or the dataset."""
+    files = {"train": section.train_file, "validation": section.validation_file, "test": section.test_file}
+    if section.dataset:
+        return f"{section.dataset} ({split} split)"
+    if split == "validation" and not files["validation"]:
+        return files["train"]  # carved out of the training file
+    return files.get(split)
 
 
 def evaluate_run(run_dir: str | os.PathLike[str], split: str = "test") -> dict[str, float]:
@@ -275,6 +509,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], split: str = "test") -> dict[s
     raw = load_raw_datasets(loaded.recipe.data, loaded.task.columns)
     if split not in raw:
         raise DataError(f"the recipe's data has no {split!r} split (it has {sorted(raw)})")
+    check_split_labels(loaded, raw, split)
     features = tokenize_splits({split: raw[split]}, loaded.task, loaded.ctx, loaded.recipe.data.num_proc)
     import tempfile
 

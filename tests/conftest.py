@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,29 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     BertModel(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def run_cli(
+    *args: str, cwd: Path | str = REPO, threads: int = 1, timeout: float = 1800
+) -> subprocess.CompletedProcess[str]:
+    """``python -m peftkit ARGS`` in a fresh process: offline, with its own thread count.
+
+    One thread by default: the suite shares 2 cores, and torch's default of a thread per core collapses
+    when another process holds one (see README, CPU notes).
+    """
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "peftkit", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

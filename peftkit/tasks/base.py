@@ -63,8 +63,9 @@ class Task:
     columns: dict[str, bool]
     # model_config -> the transformers AutoModelFor* class to instantiate
     model_class: Callable[[Any], Any]
-    # model_config -> peft TaskType name ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "SEQ_2_SEQ_LM", "CAUSAL_LM")
-    peft_task_type: Callable[[Any], str]
+    # model_config -> peft TaskType name ("SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM"), or None for
+    # a plain PeftModel that forwards every input unchanged
+    peft_task_type: Callable[[Any], str | None]
     # new head layers that must be trained and saved with the adapter (names that exist are used)
     head_modules: tuple[str, ...]
     # ctx -> extra kwargs for from_pretrained (num_labels, id2label, problem_type, ...)

@@ -565,7 +565,10 @@ TASK = Task(
     config_class=QAConfig,
     columns=COLUMNS,
     model_class=_model_class,
-    peft_task_type=lambda model_config: "QUESTION_ANS",
+    # Not "QUESTION_ANS": peft 0.21.2's PeftModelForQuestionAnswering.forward drops token_type_ids and
+    # position_ids, so BERT-style models would train on all-zero segment ids and disagree with the merged
+    # model. A plain PeftModel passes every input through; qa_outputs is saved via head_modules.
+    peft_task_type=lambda model_config: None,
     head_modules=("qa_outputs",),
     model_kwargs=lambda ctx: {},
     prepare_labels=lambda raw, cfg: None,
