@@ -58,6 +58,7 @@ def finetune(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -
     from peftkit.adapters import apply_adapter, count_parameters
     from peftkit.data import data_fingerprints, load_raw_datasets, tokenize_splits
     from peftkit.modeling import load_model, load_model_config, load_tokenizer
+    from peftkit.plan import measure_optimizer_state
 
     started = time.time()
     run_dir = recipe.output_dir.resolve()
@@ -117,6 +118,8 @@ def finetune(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -
                     runs.write_jsonl_atomic(run_dir / f"predictions_{split}.jsonl", records)
             metrics["trainable_params"] = trainable
             metrics["total_params"] = total
+            # how much optimizer state is really 8-bit: bitsandbytes keeps tensors < 4096 elements in fp32
+            metrics.update(measure_optimizer_state(trainer.optimizer))
             metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
             metrics["wall_time_s"] = round(time.time() - started, 1)
             metrics["best_checkpoint"] = trainer.state.best_model_checkpoint
@@ -280,6 +283,10 @@ def training_arguments(recipe: Recipe, task: Task, run_dir: Path) -> Any:
         kwargs.setdefault("use_cpu", True)  # multi-process CPU runs split data only with it (STACK-NOTES)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         kwargs.setdefault("average_tokens_across_devices", False)  # else the loss doubles (STACK-NOTES)
+    if kwargs.get("gradient_checkpointing") and not kwargs.get("gradient_checkpointing_kwargs"):
+        # non-reentrant: works with frozen embeddings (LoRA), DDP and DeepSpeed; said explicitly rather than
+        # relying on the default of the installed transformers
+        kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     return args_cls(output_dir=str(run_dir), **kwargs)
 
 

@@ -67,3 +67,14 @@ def test_finetune_and_reload(tmp_path: Path, tiny_bert_dir: Path, regression: bo
         assert all(isinstance(s["reference"], float) for s in saved)
     else:
         assert [p["prediction"] for p in predicted] == [s["prediction"] for s in saved]
+
+
+def test_metrics_report_how_much_optimizer_state_is_8bit(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    """Tiny LoRA matrices stay under bitsandbytes' 4096-element threshold: their state is fp32, and we say so."""
+    recipe = recipe_for(tmp_path, tiny_bert_dir, regression=False)
+    raw = recipe.to_dict()  # type: ignore[attr-defined]
+    raw["train"]["optim"] = "adamw_bnb_8bit"
+    raw = {k: v for k, v in raw.items() if v is not None}
+    result = finetune(recipe_from_dict(raw, base_dir=tmp_path, name="eightbit"))
+    assert result.metrics["optimizer_state_bytes"] > 0
+    assert 0 <= result.metrics["optimizer_state_8bit_bytes"] < result.metrics["optimizer_state_bytes"]
