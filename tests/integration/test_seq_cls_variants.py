@@ -70,7 +70,7 @@ def test_finetune_and_reload(tmp_path: Path, tiny_bert_dir: Path, regression: bo
 
 
 def test_metrics_report_how_much_optimizer_state_is_8bit(tmp_path: Path, tiny_bert_dir: Path) -> None:
-    """Tiny LoRA matrices stay under bitsandbytes' 4096-element threshold: their state is fp32, and we say so."""
+    """Tiny LoRA matrices stay under the 4096-element 8-bit threshold: their state is fp32, and we say so."""
     recipe = recipe_for(tmp_path, tiny_bert_dir, regression=False)
     raw = recipe.to_dict()  # type: ignore[attr-defined]
     raw["train"]["optim"] = "adamw_bnb_8bit"
