@@ -197,6 +197,20 @@ def predict(model: Any, ctx: TaskContext, records: list[dict[str, Any]]) -> list
     """Classify records ``{text[, text_pair]}``: the label, its probability, and every class's."""
     import torch
 
+    for i, record in enumerate(records, start=1):
+        for key in ("text", "text_pair"):
+            if key == "text_pair" and key not in record:
+                continue
+            if not isinstance(record.get(key), str):
+                got = (
+                    f"keys {sorted(record)}"
+                    if key not in record
+                    else f"{type(record[key]).__name__} {record[key]!r}"
+                )
+                raise DataError(
+                    f"record {i}: '{key}' must be a string, got {got}; name the field '{key}' "
+                    "or map it with the recipe's [data] columns"
+                )
     collate = collator(ctx, model)
     results: list[dict[str, Any]] = []
     size = ctx.cfg.predict_batch_size

@@ -135,3 +135,13 @@ def test_regression_metrics_hand_computed() -> None:
     assert m["spearman"] == pytest.approx(0.8660254, abs=1e-6)
     assert m["pearson"] == pytest.approx(0.7559289, abs=1e-6)
     assert math.isnan(regression_metrics([1.0, 1.0], [0.0, 1.0])["pearson"])
+
+
+def test_predict_refuses_records_without_text() -> None:
+    from peftkit.tasks.seq_cls import predict
+
+    ctx = TaskContext(cfg=SeqClsConfig(), tokenizer=None, labels=("a", "b"))
+    with pytest.raises(DataError, match=r"record 2: 'text' must be a string, got keys \['message'\]"):
+        predict(None, ctx, [{"text": "ok"}, {"message": "hello"}])
+    with pytest.raises(DataError, match=r"record 1: 'text' must be a string, got int 5"):
+        predict(None, ctx, [{"text": 5}])
