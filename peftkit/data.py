@@ -207,7 +207,9 @@ def data_fingerprints(raw: Any) -> dict[str, dict[str, Any]]:
 
 def tokenize_splits(raw: Any, task: Task, ctx: TaskContext, num_proc: int | None = None) -> dict[str, Any]:
     """Run ``task.preprocess`` over every split, cached by a fingerprint of everything it depends on."""
-    tokenizer_id = _tokenizer_fingerprint(ctx.tokenizer)
+    # seq2seq preprocessing depends on the model family (encoder-decoder or decoder-only)
+    family = str(getattr(ctx.model_config, "is_encoder_decoder", None))
+    tokenizer_id = _tokenizer_fingerprint(ctx.tokenizer) + family
     config = json.dumps(ctx.cfg.model_dump(), sort_keys=True, default=str)
     features: dict[str, Any] = {}
     for split, ds in raw.items():
@@ -262,6 +264,7 @@ def _tokenizer_fingerprint(tokenizer: Any) -> str:
         {
             "side": getattr(tokenizer, "padding_side", None),
             "specials": getattr(tokenizer, "special_tokens_map", {}),
+            "chat_template": getattr(tokenizer, "chat_template", None),
         },
         sort_keys=True,
         default=str,

@@ -522,8 +522,9 @@ def evaluate_run(run_dir: str | os.PathLike[str], split: str = "test") -> dict[s
 
     import torch
 
+    args_cls = loaded.task.training_args_class() if loaded.task.training_args_class else TrainingArguments
     with tempfile.TemporaryDirectory() as scratch:
-        args = TrainingArguments(
+        args = args_cls(  # the task's class: seq2seq's carries the generation settings
             output_dir=scratch,
             per_device_eval_batch_size=loaded.recipe.train.get("per_device_eval_batch_size", 64),
             report_to="none",
