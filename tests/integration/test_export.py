@@ -11,24 +11,16 @@ import hashlib
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.conftest import invoke_cli
 from tests.integration.test_merge_tasks import _token_cls_run, train_seq_cls
 
 MISSING = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
 needs_onnx = pytest.mark.skipif(
     bool(MISSING), reason=f"ONNX export needs {', '.join(MISSING)}: pip install 'peftkit[export]'"
 )
-
-
-def cli(*args: str) -> Any:
-    from click.testing import CliRunner
-
-    from peftkit.cli import main
-
-    return CliRunner().invoke(main, list(args))
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +36,7 @@ def test_onnx_bundle_gives_the_same_labels_as_pytorch_on_the_test_split(run: Pat
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     out = tmp_path / "bundle"
-    result = cli("export", str(run), "--format", "safetensors", "--format", "onnx", "--out", str(out))
+    result = invoke_cli("export", str(run), "--format", "safetensors", "--format", "onnx", "--out", str(out))
     assert result.exit_code == 0, result.output
     assert "onnx: max |Δlogit|" in result.output and 'pipeline("text-classification"' in result.output
     for name in ("model.onnx", "model.safetensors", "config.json", "tokenizer.json", "README.md"):
@@ -80,15 +72,15 @@ def test_onnx_bundle_gives_the_same_labels_as_pytorch_on_the_test_split(run: Pat
 @needs_onnx
 def test_onnx_only_bundle_from_a_merged_folder(run: Path, tmp_path: Path) -> None:
     merged = tmp_path / "merged"
-    assert cli("merge", str(run), "--out", str(merged)).exit_code == 0
+    assert invoke_cli("merge", str(run), "--out", str(merged)).exit_code == 0
     out = tmp_path / "onnx"
-    result = cli("export", str(merged), "--format", "onnx", "--out", str(out))
+    result = invoke_cli("export", str(merged), "--format", "onnx", "--out", str(out))
     assert result.exit_code == 0, result.output
     names = {p.name for p in out.iterdir()}
     assert "model.onnx" in names and not [n for n in names if n.endswith(".safetensors")]
     assert {"config.json", "tokenizer.json", "README.md", "peftkit_export.json"} <= names
     assert "holds no PyTorch weights" in (out / "README.md").read_text()
-    again = cli("export", str(merged), "--format", "onnx", "--out", str(out))
+    again = invoke_cli("export", str(merged), "--format", "onnx", "--out", str(out))
     assert again.exit_code == 2 and "already exists" in again.output
 
 
@@ -96,9 +88,11 @@ def test_safetensors_bundle_is_pipeline_ready_and_can_be_recast(run: Path, tmp_p
     from transformers import pipeline
 
     merged = tmp_path / "merged"
-    assert cli("merge", str(run), "--out", str(merged)).exit_code == 0
+    assert invoke_cli("merge", str(run), "--out", str(merged)).exit_code == 0
     out = tmp_path / "bf16"
-    result = cli("export", str(merged), "--format", "safetensors", "--dtype", "bfloat16", "--out", str(out))
+    result = invoke_cli(
+        "export", str(merged), "--format", "safetensors", "--dtype", "bfloat16", "--out", str(out)
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     report = json.loads((out / "merge_report.json").read_text())
@@ -106,13 +100,13 @@ def test_safetensors_bundle_is_pipeline_ready_and_can_be_recast(run: Path, tmp_p
     classify = pipeline("text-classification", model=str(out))
     assert classify("win free prize cash 9")[0]["label"] in {"ham", "spam"}
     half = tmp_path / "half-again"
-    refused = cli("export", str(out), "--dtype", "float16", "--out", str(half))
+    refused = invoke_cli("export", str(out), "--dtype", "float16", "--out", str(half))
     assert refused.exit_code == 2 and "round twice" in refused.output and not half.exists()
 
 
 def test_export_refuses_what_is_not_a_run_or_a_merged_model(tmp_path: Path) -> None:
     (tmp_path / "random").mkdir()
-    result = cli("export", str(tmp_path / "random"), "--out", str(tmp_path / "b"))
+    result = invoke_cli("export", str(tmp_path / "random"), "--out", str(tmp_path / "b"))
     assert result.exit_code == 2 and "neither a run directory" in result.output
 
 
@@ -120,7 +114,7 @@ def test_export_refuses_what_is_not_a_run_or_a_merged_model(tmp_path: Path) -> N
 def test_token_classification_onnx_parity(tiny_bert_dir: Path, tmp_path: Path) -> None:
     run = _token_cls_run(tmp_path / "ner", tiny_bert_dir)
     out = tmp_path / "bundle"
-    result = cli("export", str(run), "--format", "onnx", "--out", str(out))
+    result = invoke_cli("export", str(run), "--format", "onnx", "--out", str(out))
     assert result.exit_code == 0, result.output
     onnx = json.loads((out / "peftkit_export.json").read_text())["onnx"]
     assert onnx["passed"] and onnx["agreement"] == 1.0 and onnx["max_abs_diff"] < 1e-3

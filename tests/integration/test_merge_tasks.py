@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from peftkit.tasks import TASKS
-from tests.conftest import FIXTURES, REPO
+from tests.conftest import FIXTURES, REPO, invoke_cli
 
 TOLERANCE = 1e-5
 NER_DATA = REPO / "data" / "ner_fixture"
@@ -100,15 +100,6 @@ def train_seq_cls(
         )
     )
     return finetune(load_recipe(recipe)).run_dir
-
-
-def cli(*args: str) -> Any:
-    """``peftkit ...`` in this process (click's runner); the reload checks use a fresh process instead."""
-    from click.testing import CliRunner
-
-    from peftkit.cli import main
-
-    return CliRunner().invoke(main, list(args))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -452,7 +443,7 @@ def seq_cls_run(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 def test_cli_merge_prints_the_checks_and_refuses_to_overwrite(seq_cls_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "merged"
-    result = cli("merge", str(seq_cls_run), "--out", str(out))
+    result = invoke_cli("merge", str(seq_cls_run), "--out", str(out))
     assert result.exit_code == 0, result.output
     assert (
         "max |Δlogit|" in result.output and "agreement 1.0000" in result.output and "passed" in result.output
@@ -472,10 +463,10 @@ def test_cli_merge_prints_the_checks_and_refuses_to_overwrite(seq_cls_run: Path,
     for text in ("pipeline_tag: text-classification", "LoRA (r=4, alpha=8)", "| 1 | spam |", "## Recipe"):
         assert text in card
     before = (out / "model.safetensors").stat().st_mtime_ns
-    again = cli("merge", str(seq_cls_run), "--out", str(out))
+    again = invoke_cli("merge", str(seq_cls_run), "--out", str(out))
     assert again.exit_code == 2 and "already exists. Nothing was changed" in again.output
     assert (out / "model.safetensors").stat().st_mtime_ns == before
-    replaced = cli("merge", str(seq_cls_run), "--out", str(out), "--overwrite", "--dtype", "bfloat16")
+    replaced = invoke_cli("merge", str(seq_cls_run), "--out", str(out), "--overwrite", "--dtype", "bfloat16")
     assert replaced.exit_code == 0, replaced.output
     report = json.loads((out / "merge_report.json").read_text())
     assert (
@@ -494,13 +485,13 @@ def test_merge_refuses_unfinished_runs_and_names_the_checkpoint(seq_cls_run: Pat
     meta = json.loads((unfinished / "peftkit_run.json").read_text())
     meta["status"] = "interrupted"
     (unfinished / "peftkit_run.json").write_text(json.dumps(meta))
-    result = cli("merge", str(unfinished), "--out", str(tmp_path / "m"))
+    result = invoke_cli("merge", str(unfinished), "--out", str(tmp_path / "m"))
     assert result.exit_code == 2 and "not completed" in result.output and "checkpoint-" in result.output
     assert not (tmp_path / "m").exists()
     # naming a checkpoint of the unfinished run works, and the labels still come through
     last = sorted(unfinished.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
     (unfinished / "labels.json").unlink()  # written only when a run completes
-    ok = cli("merge", str(last), "--out", str(tmp_path / "m"))
+    ok = invoke_cli("merge", str(last), "--out", str(tmp_path / "m"))
     assert ok.exit_code == 0, ok.output
     report = json.loads((tmp_path / "m" / "merge_report.json").read_text())
     assert report["checkpoint"] == last.name and report["labels"] == ["ham", "spam"]

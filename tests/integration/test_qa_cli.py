@@ -8,10 +8,7 @@ MiniLM with the shipped recipe and requires the training-set F1 to pass 80 (of 1
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +16,7 @@ from typing import Any
 import pytest
 
 from peftkit.metrics.squad import squad_metrics
-from tests.conftest import FIXTURES, REPO, minilm_path
+from tests.conftest import FIXTURES, REPO, minilm_path, run_cli
 
 FIXTURE = REPO / "data" / "qa_fixture"
 
@@ -55,19 +52,6 @@ report_to = []
         encoding="utf-8",
     )
     return path
-
-
-def run_cli(*args: str, threads: int = 1) -> subprocess.CompletedProcess[str]:
-    """``peftkit ...`` in a fresh process (nothing shared with the test's own imports)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return subprocess.run(
-        [sys.executable, "-m", "peftkit", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=1800,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,12 @@ while tests/integration/test_seq2seq_train.py checks that the task learns.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, run_cli
 
 DATA = FIXTURES / "seq2seq"
 
@@ -48,18 +45,6 @@ learning_rate = 1e-3
 logging_steps = 2
 output_dir = "{out}"
 """
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "peftkit", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def save_tiny(kind: str, folder: Path) -> Path:
@@ -115,7 +100,7 @@ def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     task, targets = VARIANTS[kind]
     recipe = work / "recipe.toml"
     recipe.write_text(RECIPE.format(model=model, task=task, data=DATA, targets=targets, out=work / "run"))
-    result = run_cli("finetune", str(recipe), cwd=work)
+    result = run_cli("finetune", str(recipe), cwd=work, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return work, work / "run"
 
@@ -138,7 +123,9 @@ def test_predict_reproduces_test_predictions_in_a_fresh_process(trained: tuple[P
     lines = (DATA / "test.jsonl").read_text().splitlines()
     records.write_text("".join(json.dumps({"en": json.loads(line)["en"]}) + "\n" for line in lines))
     out = work / "preds.jsonl"
-    result = run_cli("predict", str(run), "--input", str(records), "--output", str(out), cwd=work)
+    result = run_cli(
+        "predict", str(run), "--input", str(records), "--output", str(out), cwd=work, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     predicted = [json.loads(line)["prediction"] for line in out.read_text().splitlines()]
     saved = [
@@ -153,7 +140,7 @@ def test_prompt_template_without_placeholder_is_a_clear_recipe_error(tmp_path: P
         model="unused", task='prompt_template = "Spanish:"', data=DATA, targets="[]", out="x"
     )
     recipe.write_text(text)
-    result = run_cli("validate", str(recipe), cwd=tmp_path)
+    result = run_cli("validate", str(recipe), cwd=tmp_path, timeout=600)
     assert result.returncode == 2
     assert "prompt_template" in result.stderr and "{source}" in result.stderr
     assert "Traceback" not in result.stderr
@@ -161,7 +148,7 @@ def test_prompt_template_without_placeholder_is_a_clear_recipe_error(tmp_path: P
 
 def test_evaluate_command_matches_training_metrics(trained: tuple[Path, Path]) -> None:
     work, run = trained
-    result = run_cli("evaluate", str(run), "--split", "test", cwd=work)
+    result = run_cli("evaluate", str(run), "--split", "test", cwd=work, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     saved = json.loads((run / "metrics.json").read_text())["test"]
     assert f"chrf={saved['chrf']:.4f}" in result.stdout

@@ -9,16 +9,13 @@ real MiniLM; the POS one requires a test-split token accuracy of at least 0.93.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from peftkit.conll import read_conll
-from tests.conftest import FIXTURES, REPO
+from tests.conftest import FIXTURES, REPO, invoke_cli, run_cli
 
 NER_DATA = REPO / "data" / "ner_fixture"
 NER_LABELS = ["O", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
@@ -60,33 +57,11 @@ per_device_train_batch_size = 8
     return path
 
 
-def cli(*args: str) -> Any:
-    """``peftkit ...`` in this process (click's runner): the fast tests share the test session's imports."""
-    from click.testing import CliRunner
-
-    from peftkit.cli import main
-
-    return CliRunner().invoke(main, list(args))
-
-
-def run_cli(*args: str, threads: int) -> subprocess.CompletedProcess[str]:
-    """``peftkit ...`` in a fresh process with its own thread count (the long real-model runs)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return subprocess.run(
-        [sys.executable, "-m", "peftkit", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=3600,
-    )
-
-
 @pytest.fixture(scope="module")
 def ner_run(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("ner-tiny")
     recipe = write_recipe(folder / "ner_tiny.toml", tiny_bert_dir, f'dataset = "{NER_DATA}"', folder / "run")
-    result = cli("finetune", str(recipe))
+    result = invoke_cli("finetune", str(recipe))
     assert result.exit_code == 0, result.output
     return folder / "run"
 
@@ -118,7 +93,7 @@ def test_predict_from_the_run_directory_reproduces_test_predictions_and_slices_t
     inputs = tmp_path / "inputs.jsonl"
     inputs.write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
     output = tmp_path / "out.jsonl"
-    result = cli("predict", str(ner_run), "--input", str(inputs), "--output", str(output))
+    result = invoke_cli("predict", str(ner_run), "--input", str(inputs), "--output", str(output))
     assert result.exit_code == 0, result.output
     results = read_jsonl(output)
     assert len(results) == len(records)
@@ -138,7 +113,7 @@ def test_bad_data_fails_with_the_file_and_line(tiny_bert_dir: Path, tmp_path: Pa
     recipe = write_recipe(
         tmp_path / "bad.toml", tiny_bert_dir, f'train_file = "{malformed}"', tmp_path / "run-bad"
     )
-    result = cli("finetune", str(recipe))
+    result = invoke_cli("finetune", str(recipe))
     assert result.exit_code == 2, result.output
     assert f"{malformed}:6: malformed line 'New York B-LOC': 3 columns, but line 3 has 2" in result.stderr
     assert result.exception is None or isinstance(result.exception, SystemExit)
@@ -147,7 +122,7 @@ def test_bad_data_fails_with_the_file_and_line(tiny_bert_dir: Path, tmp_path: Pa
     recipe = write_recipe(
         tmp_path / "unknown.toml", tiny_bert_dir, f'dataset = "{unknown}"', tmp_path / "run-u"
     )
-    result = cli("finetune", str(recipe))
+    result = invoke_cli("finetune", str(recipe))
     assert result.exit_code == 2, result.output
     assert "validation split, record 1: tag 'B-EVENT' does not occur in the train split" in result.stderr
 
@@ -157,7 +132,7 @@ def test_pos_recipe_reaches_93_percent_token_accuracy(tmp_path: Path) -> None:
     """The shipped POS recipe on the real corpus with MiniLM (6.5 CPU-minutes; measured accuracy 0.941)."""
     run_dir = tmp_path / "pos"
     result = run_cli(
-        "finetune", "recipes/token_cls_lora.toml", "--set", f"train.output_dir={run_dir}", threads=1
+        "finetune", "recipes/token_cls_lora.toml", "--set", f"train.output_dir={run_dir}", timeout=3600
     )
     assert result.returncode == 0, result.stdout + result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
