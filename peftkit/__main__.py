@@ -7,6 +7,7 @@ import sys
 from peftkit.cli import main
 
 if __name__ == "__main__":
-    # Launchers append --local_rank=N (deepspeed); torch reads LOCAL_RANK from the environment instead.
-    sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
+    # The deepspeed launcher passes --local_rank=N before the command (torch.distributed.launch passes
+    # --local-rank=N); the rank is also in LOCAL_RANK, which torch, accelerate and DeepSpeed read.
+    sys.argv = [a for a in sys.argv if not a.startswith(("--local_rank=", "--local-rank="))]
     main(prog_name="peftkit")

@@ -68,7 +68,7 @@ def count_parameters(model: Any) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit packed weights counted by their logical size."""
     trainable = total = 0
     for param in model.parameters():
-        n = param.numel()
+        n = getattr(param, "ds_numel", None) or param.numel()  # ZeRO-3 holds a shard; ds_numel is the whole
         if param.__class__.__name__ == "Params4bit":
             n *= 2
         total += n

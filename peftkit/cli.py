@@ -38,7 +38,10 @@ NOISY_LOGGERS = (
 def _setup_logging() -> None:
     """peftkit's own messages at INFO; libraries only when something is wrong. Imports nothing heavy."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.INFO, format="peftkit: %(message)s", stream=sys.stderr)
+    # in a distributed launch only rank 0 reports progress; the other ranks speak up on problems only
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="peftkit: %(message)s", stream=sys.stderr)
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
@@ -49,6 +52,8 @@ def _quiet_libraries() -> None:
 
     # peft calls a transformers method deprecated for v6 on every adapter load; not the user's concern
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # EncoderDecoderModel warns on every forward with labels about a change made in transformers 4.12
+    warnings.filterwarnings("ignore", message=r"Version v4\.12\.0 introduces", category=FutureWarning)
     try:
         import transformers
 
@@ -105,7 +110,9 @@ def finetune(recipe: Path, overrides: tuple[str, ...], overwrite: bool, resume: 
 
     result = run_finetune(loaded, overwrite=overwrite, resume=resume)
     from peftkit.runs import is_main_process
+    from peftkit.training import leave_process_group
 
+    leave_process_group()  # a distributed launch: all ranks end together, after rank 0 saved
     if is_main_process():
         click.echo(f"\nRun directory: {result.run_dir}")
         for split in ("validation", "test"):
@@ -197,23 +204,108 @@ def _rebase_paths(text: str, old: Path, new: Path) -> str:
         absolute = (old / value).resolve()
         return f"{key}{quote}{os.path.relpath(absolute, new)}{quote}"
 
-    pattern = (
-        r'^((?:dataset|train_file|validation_file|test_file|name_or_path|tokenizer)\s*=\s*)(["\'])([^"\']*)\2'
-    )
+    keys = "dataset|train_file|validation_file|test_file|name_or_path|decoder_name_or_path|tokenizer"
+    pattern = rf'^((?:{keys})\s*=\s*)(["\'])([^"\']*)\2'
     return re.sub(pattern, fix, text, flags=re.MULTILINE)
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--split", default="test", show_default=True, help="Which split of the run's data.")
+@click.option("--errors", type=int, default=None, metavar="N", help="Also write the worst N examples.")
+@click.option(
+    "--errors-output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File for --errors (default: RUN_DIR/errors_<split>.jsonl).",
+)
 @user_errors
-def evaluate(run_dir: Path, split: str) -> None:
+def evaluate(run_dir: Path, split: str, errors: int | None, errors_output: Path | None) -> None:
     """Re-evaluate a run directory on a split of its recipe's data."""
     _quiet_libraries()
     from peftkit.training import evaluate_run
 
     metrics = evaluate_run(run_dir, split)
     click.echo(f"{split}: {_format_metrics(metrics)}")
+    if errors is not None:
+        from peftkit.error_analysis import worst_examples
+
+        path, worst = worst_examples(run_dir, split, errors, errors_output)
+        click.echo(f"wrote the {len(worst)} worst {split} examples to {path}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--trials", required=True, type=int, help="Finished trials wanted (resuming counts old ones).")
+@click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE", help=SET_HELP)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Default: <run dir>-sweep.")
+@click.option("--overwrite", is_flag=True, help="Start the sweep over (deletes the sweep folder).")
+@user_errors
+def sweep(recipe: Path, trials: int, overrides: tuple[str, ...], out: Path | None, overwrite: bool) -> None:
+    """Hyper-parameter search over the recipe's [sweep.space] with Optuna; resumes an interrupted sweep."""
+    from peftkit.recipe import load_recipe
+
+    load_recipe(recipe, overrides)  # validate, [sweep] included, before any heavy import
+    _quiet_libraries()
+    from peftkit.sweep import markdown_table, run_sweep
+
+    result = run_sweep(recipe, trials, overrides=overrides, out_dir=out, overwrite=overwrite)
+    if result.trials:
+        columns = [c for c in result.trials[0] if c not in ("run_dir",)]
+        click.echo("\n" + markdown_table(result.trials, columns))
+    click.echo(f"Sweep folder: {result.sweep_dir} ({result.ran} run now, {len(result.trials)} finished)")
+    if result.best is not None:
+        click.echo(f"best: trial {result.best['trial']} {result.metric}={result.best[result.metric]:.4f}")
+        click.echo(f"  peftkit finetune {result.sweep_dir / 'best_recipe.toml'}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--folds", default=5, show_default=True, help="Number of folds.")
+@click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE", help=SET_HELP)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Default: <run dir>-cv.")
+@click.option("--overwrite", is_flag=True, help="Train every fold again.")
+@user_errors
+def cv(recipe: Path, folds: int, overrides: tuple[str, ...], out: Path | None, overwrite: bool) -> None:
+    """K-fold cross-validation over the training data: one run per fold, mean ± std of every metric."""
+    from peftkit.recipe import load_recipe
+
+    loaded = load_recipe(recipe, overrides)
+    _quiet_libraries()
+    from peftkit.cv import CV_SUMMARY, run_cv
+
+    result = run_cv(loaded, folds, out_dir=out, overwrite=overwrite)
+    summary = result.summary["metrics"]
+    kind = "stratified " if result.summary["stratified"] else ""
+    click.echo(f"\n{folds}-fold {kind}cross-validation: {result.cv_dir}")
+    shown = _format_metrics({k: v["mean"] for k, v in summary.items()}).split("  ")
+    for item in shown:
+        key = item.split("=")[0]
+        if key in summary:
+            click.echo(f"  {key:<36} {summary[key]['mean']:.4f} ± {summary[key]['std']:.4f}")
+    click.echo(f"  (every metric: {result.cv_dir / CV_SUMMARY})")
+
+
+FILE = click.Path(dir_okay=False, path_type=Path)
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--split", help="Which split's metrics (default: test when every run has it, else validation).")
+@click.option("--output", type=FILE, help="Also write a .csv, .md or .json file.")
+@click.option("--plot", type=FILE, help="Bar plot PNG (default: beside --output).")
+@user_errors
+def compare(run_dirs: tuple[Path, ...], split: str | None, output: Path | None, plot: Path | None) -> None:
+    """Metrics, trainable parameters, time and memory of runs side by side (sweep/cv folders expand)."""
+    from peftkit.compare import compare_runs, format_table, plot_comparison, write_table
+
+    comparison = compare_runs(run_dirs, split)
+    click.echo(f"{comparison.split} metrics\n" + format_table(comparison), nl=False)
+    if output is not None:
+        write_table(comparison, output)
+        click.echo(f"wrote {output}")
+    plot = plot or (output.with_suffix(".png") if output is not None else None)
+    if plot is not None:
+        click.echo(f"wrote {plot_comparison(comparison, plot)}")
 
 
 @main.command()
@@ -427,8 +519,9 @@ def export(
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE", help=SET_HELP)
 @click.option("--seq-len", type=int, default=None, help="Tokens per example (default: task.max_length).")
+@click.option("--devices", type=int, default=None, help="Devices to shard over (default: CUDA ones, or 1).")
 @user_errors
-def plan(recipe: Path, overrides: tuple[str, ...], seq_len: int | None) -> None:
+def plan(recipe: Path, overrides: tuple[str, ...], seq_len: int | None, devices: int | None) -> None:
     """Parameters and training memory of a recipe, without loading weights."""
     from peftkit.recipe import load_recipe
 
@@ -462,6 +555,22 @@ def plan(recipe: Path, overrides: tuple[str, ...], seq_len: int | None) -> None:
         click.echo(f"{label:<70} {format_bytes(value):>12}")
     for note in result.notes:
         click.echo(f"note: {note}")
+    _echo_zero_stages(result, devices)
+
+
+def _echo_zero_stages(result: Any, devices: int | None) -> None:
+    """Per-device memory under DDP and each ZeRO stage, and which one to pick (ds_configs/README.md)."""
+    import torch
+
+    from peftkit.plan import format_bytes, recommend_zero_stage, zero_stage_bytes
+
+    cuda = torch.cuda.is_available()
+    count = devices or (torch.cuda.device_count() if cuda else 1)
+    device_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else None
+    click.echo(f"\nper device over {count} device(s):")
+    for stage, value in zero_stage_bytes(result, count).items():
+        click.echo(f"  {stage:<68} {format_bytes(value):>12}")
+    click.echo(f"advice: {recommend_zero_stage(result, count, device_bytes)}")
 
 
 @main.command()

@@ -916,7 +916,7 @@ def check_compatible(sources: Sequence[_Source], method: str) -> None:
                 f"{pair}: different labels ({first.labels} vs {other.labels}); the heads would mean "
                 "different things. Train them with the same [task] label_list"
             )
-        for key in ("name_or_path", "gguf_file", "revision"):
+        for key in ("name_or_path", "decoder_name_or_path", "gguf_file", "revision"):
             a, b = getattr(first.recipe.model, key), getattr(other.recipe.model, key)
             if a != b:
                 raise MergeError(

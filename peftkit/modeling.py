@@ -26,11 +26,11 @@ def _common_kwargs(section: ModelSection) -> dict[str, Any]:
     return kwargs
 
 
-def _explain(section: ModelSection, what: str, exc: Exception) -> ModelLoadError:
-    name = section.name_or_path
+def _explain(section: ModelSection, what: str, exc: Exception, key: str = "name_or_path") -> ModelLoadError:
+    name = getattr(section, key)
     if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
         return ModelLoadError(
-            f"model.name_or_path: the local folder {name} does not exist (moved or deleted?); "
+            f"model.{key}: the local folder {name} does not exist (moved or deleted?); "
             "restore it or point the recipe at the model's new location"
         )
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -40,19 +40,26 @@ def _explain(section: ModelSection, what: str, exc: Exception) -> ModelLoadError
         if "offline" in text.lower() or "connect" in text.lower() or "hub" in text.lower()
         else "check model.name_or_path"
     )
-    return ModelLoadError(
-        f"model.name_or_path {section.name_or_path!r}: cannot load the {what} ({text}); {hint}"
-    )
+    hint = hint.replace("model.name_or_path", f"model.{key}")
+    return ModelLoadError(f"model.{key} {name!r}: cannot load the {what} ({text}); {hint}")
 
 
 def load_model_config(section: ModelSection) -> Any:
     """The base model's config, read without weights (decides the model family, e.g. for seq2seq)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, EncoderDecoderConfig
 
     try:
-        return AutoConfig.from_pretrained(section.name_or_path, **_common_kwargs(section))
+        config = AutoConfig.from_pretrained(section.name_or_path, **_common_kwargs(section))
     except (OSError, ValueError) as exc:
         raise _explain(section, "config", exc) from None
+    if not section.decoder_name_or_path:
+        return config
+    try:
+        decoder = AutoConfig.from_pretrained(section.decoder_name_or_path, **_common_kwargs(section))
+    except (OSError, ValueError) as exc:
+        raise _explain(section, "decoder config", exc, key="decoder_name_or_path") from None
+    # what from_encoder_decoder_pretrained builds: the decoder gains causal masking and cross-attention
+    return EncoderDecoderConfig.from_encoder_decoder_configs(config, decoder)
 
 
 def load_tokenizer(section: ModelSection, source: str | None = None) -> Any:
@@ -119,7 +126,10 @@ def load_model(
         kwargs["quantization_config"] = quantization_config(quant, list(task.head_modules))
         kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
     try:
-        model = cls.from_pretrained(section.name_or_path, **kwargs)
+        if section.decoder_name_or_path:
+            model = warm_start_encoder_decoder(section, kwargs)
+        else:
+            model = cls.from_pretrained(section.name_or_path, **kwargs)
     except (OSError, ValueError) as exc:
         raise _explain(section, "model", exc) from None
     if section.gguf_file:
@@ -128,6 +138,24 @@ def load_model(
     if getattr(model.config, "pad_token_id", None) is None and pad_id is not None:
         model.config.pad_token_id = pad_id  # classification heads on decoder models find the last token by it
     return model
+
+
+def warm_start_encoder_decoder(section: ModelSection, kwargs: dict[str, Any]) -> Any:
+    """An ``EncoderDecoderModel`` from two pretrained checkpoints (``[model] decoder_name_or_path``).
+
+    The decoder's cross-attention (and, for an encoder checkpoint used as a decoder, its LM-head transform)
+    does not exist yet: it is initialised from the global seed, which ``finetune`` sets before loading, and
+    the seq2seq task trains and saves those modules in full (``head_modules``).
+    """
+    from transformers import EncoderDecoderModel
+
+    shared = {k: v for k, v in kwargs.items() if k in ("trust_remote_code", "revision", "dtype")}
+    if "attn_implementation" in kwargs:
+        shared["attn_implementation"] = kwargs["attn_implementation"]
+    prefixed = {f"{side}_{k}": v for side in ("encoder", "decoder") for k, v in shared.items()}
+    return EncoderDecoderModel.from_encoder_decoder_pretrained(
+        section.name_or_path, section.decoder_name_or_path, **prefixed
+    )
 
 
 def drop_gguf_marker(model: Any) -> None:

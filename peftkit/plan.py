@@ -4,7 +4,8 @@ Model state is counted exactly from the adapted model's parameters: weights (at 
 bitsandbytes' 4/8-bit sizes for quantized linear layers), gradients of trainable parameters, and the
 optimizer's state (two fp32 moments for AdamW; 8-bit state only for tensors of at least 4096 elements,
 which is bitsandbytes' ``min_8bit_size``). Activations are an estimate from the layer shapes: what
-autograd keeps per token per transformer layer, or only each layer's input with gradient checkpointing.
+autograd saves per token and layer, the share of the forward's freed temporaries the C allocator keeps
+resident, and the backward pass's gradients (see ``activation_bytes``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from peftkit.tasks.base import TaskContext
 logger = logging.getLogger(__name__)
 
 BNB_MIN_8BIT_SIZE = 4096
-BACKWARD_WORKING_SET = 3  # × one layer's saved activations; see activation_bytes
+# share of the forward's freed temporaries glibc keeps resident (measured on MiniLM, see activation_bytes)
+RETAINED_TEMPORARY_SHARE = 0.6
+# glibc serves blocks of at least this size with mmap and unmaps them on free (DEFAULT_MMAP_THRESHOLD_MAX)
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # optimizer → (state tensors per parameter, bytes per state element when kept in 8 bits, or None)
 OPTIMIZER_STATE: dict[str, tuple[int, int | None]] = {
@@ -108,7 +112,9 @@ def plan_recipe(recipe: Recipe, seq_len: int | None = None) -> MemoryPlan:
     )
     batch = int(recipe.train.get("per_device_train_batch_size", 8))
     length = seq_len or int(getattr(recipe.task, "max_length", 512))
-    activations = activation_bytes(model_config, batch, length, checkpointing, recipe.adapter)
+    activations = activation_bytes(
+        model_config, batch, length, checkpointing, recipe.adapter, adapted=adapted_roles(model)
+    )
     return MemoryPlan(
         rows=rows,
         total_params=total,
@@ -123,6 +129,31 @@ def plan_recipe(recipe: Recipe, seq_len: int | None = None) -> MemoryPlan:
         gradient_checkpointing=checkpointing,
         notes=notes,
     )
+
+
+QKV_NAMES = {"query", "key", "value", "q_proj", "k_proj", "v_proj", "q", "k", "v", "q_lin", "k_lin", "v_lin"}
+
+
+def adapted_roles(model: Any) -> tuple[str, ...] | None:
+    """Roles ("qkv", "o", "up", "down") of the LoRA-wrapped linears of the first transformer layer.
+
+    ``None`` when the model has no numbered layer with LoRA linears (activation_bytes then assumes all).
+    """
+    roles: list[str] = []
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if "0" not in parts or not hasattr(module, "lora_A") or not hasattr(module, "base_layer"):
+            continue
+        base = module.base_layer
+        if parts[-1] in QKV_NAMES:
+            roles.append("qkv")
+        elif getattr(base, "in_features", 0) > getattr(base, "out_features", 0):
+            roles.append("down")
+        elif getattr(base, "in_features", 0) < getattr(base, "out_features", 0):
+            roles.append("up")
+        else:
+            roles.append("o")
+    return tuple(roles) or None
 
 
 def module_rows(model: Any) -> list[ModuleRow]:
@@ -189,20 +220,41 @@ def _weight_bytes(model: Any, dtype_bytes: int, recipe: Recipe) -> tuple[int, li
 
 
 def activation_bytes(
-    model_config: Any, batch: int, seq_len: int, checkpointing: bool, adapter: dict[str, Any]
+    model_config: Any,
+    batch: int,
+    seq_len: int,
+    checkpointing: bool,
+    adapter: dict[str, Any],
+    *,
+    adapted: tuple[str, ...] | None = None,
+    full_finetuning: bool = False,
 ) -> int:
-    """Peak activation memory of one training step of a transformer stack (fp32).
+    """Peak activation memory (fp32) of one training step of a BERT-style encoder, as process RSS on CPU.
 
-    Saved per token and layer: layer-norm/residual inputs (2h), the QKV input and outputs (4h), the
-    attention output and its projection input (2h), the FFN input (h), the GELU input and output (2i),
-    for LoRA with dropout the dropped-out copy of each adapted layer's input (~5h + i), and 1-byte
-    dropout masks (3h). Attention in training with dropout takes the math path on CPU, which keeps
-    scores, softmax output and dropped-out probabilities (3 floats per head and key) plus a 1-byte mask.
-    On top of what is saved, the backward pass of a layer works with about three times that layer's
-    saved activations (gradients of activations and of the attention probabilities): an empirical
-    factor, measured on MiniLM at batch 16 x 256 tokens on CPU with and without checkpointing, and
-    checked at 8 x 128 (scripts/bench_memory.py). With checkpointing only each layer's input (h) stays
-    saved, and one layer at a time is recomputed.
+    Three parts, each per token and transformer layer, from counting what autograd saves and what the
+    forward pass allocates and frees (``saved_tensors_hooks`` and a dispatch log on MiniLM, see
+    ``layer_activation_floats``):
+
+    - **saved**: what autograd keeps for the backward pass (scores, q/k/v, layer-norm inputs, ...);
+    - **temporaries**: tensors the forward allocates and frees within the layer (linear outputs, LoRA's
+      ``B·A·x`` and its scaled copy, dropout outputs). glibc keeps the freed blocks resident (after the
+      first step its mmap threshold rises to 32 MiB, so they come from the heap) and a tensor of the same
+      size cannot reuse a hole (``posix_memalign`` asks for size + alignment), so about
+      ``RETAINED_TEMPORARY_SHARE`` of them stay in RSS (measured: 0.59 for LoRA at 8 x 128 and 16 x 256,
+      0.62-0.73 for full fine-tuning). Attention-score temporaries are not counted: at these sizes they
+      are reused or, above 32 MiB, returned with ``munmap``;
+    - **backward**: the backward pass reuses that freed memory; above it, the gradients flowing through
+      one layer (2h + i per token) and, in full fine-tuning, the dense word-embedding gradient.
+
+    With checkpointing only each layer's input is saved; the peak is the heap left by one layer's forward
+    (its would-be saved tensors and temporaries, plus the retained share; attention-score tensors of
+    32 MiB or more are unmapped when freed, so they leave nothing) with that layer recomputed on top
+    of it in the backward pass.
+    Checked against scripts/bench_memory.py on MiniLM (all five arms within 10% at 16 x 256, 8 x 128,
+    32 x 128 and 4 x 512, the checkpointed arm within 13% of its noisier runs). The retained share and
+    the mmap threshold describe glibc on CPU; a GPU's caching allocator is not modelled.
+    ``adapted`` names the role of each LoRA-adapted linear of a layer ("qkv", "o", "up", "down");
+    ``None`` means all six. ``full_finetuning``: every weight trains, no adapter.
     """
     hidden = int(getattr(model_config, "hidden_size", 0) or getattr(model_config, "d_model", 0) or 768)
     inter = int(
@@ -214,16 +266,125 @@ def activation_bytes(
     heads = int(
         getattr(model_config, "num_attention_heads", 0) or getattr(model_config, "num_heads", 0) or 12
     )
-    lora_copies = 5 * hidden + inter if float(adapter.get("lora_dropout", 0) or 0) > 0 else 0
-    attention = heads * seq_len
-    per_token_layer = 4 * (9 * hidden + 2 * inter + lora_copies + 3 * attention) + 3 * hidden + attention
+    vocab = int(getattr(model_config, "vocab_size", 0) or 0)
+    method = str(adapter.get("method", "lora"))
+    if full_finetuning or method not in ("lora", "adalora"):
+        adapted = ()
+    elif adapted is None:
+        adapted = ("qkv", "qkv", "qkv", "o", "up", "down")
+    attention_dropout = _dropout(model_config, "attention_probs_dropout_prob", "attention_dropout") > 0
+    saved, temporaries = layer_activation_floats(
+        hidden,
+        inter,
+        heads,
+        seq_len,
+        attention_dropout=attention_dropout,
+        hidden_dropout=_dropout(model_config, "hidden_dropout_prob", "dropout") > 0,
+        adapted=adapted,
+        rank=int(adapter.get("r", 8) or 8),
+        lora_dropout=float(adapter.get("lora_dropout", 0) or 0) > 0,
+        full_finetuning=full_finetuning,
+    )
     tokens = batch * seq_len
-    one_layer = tokens * per_token_layer
-    outside = 4 * 2 * hidden * tokens  # embeddings output and the head's input
-    backward = BACKWARD_WORKING_SET * one_layer
+    retained = RETAINED_TEMPORARY_SHARE * temporaries
+    outside = 2 * hidden  # embeddings output and the head's input
+    backward = 4 * tokens * (2 * hidden + inter) + (4 * vocab * hidden if full_finetuning else 0)
     if checkpointing:
-        return tokens * 4 * hidden * layers + one_layer + backward + outside
-    return layers * one_layer + backward + outside
+        # the forward's freed attention scores stay in the heap only below glibc's mmap threshold
+        scores = (3 if attention_dropout else 1) * heads * seq_len
+        scores_unmapped = 4 * batch * heads * seq_len**2 >= GLIBC_MMAP_THRESHOLD_MAX
+        one_layer_forward = saved - (scores if scores_unmapped else 0) + temporaries + retained
+        per_token = hidden * layers + one_layer_forward + saved + outside
+    else:
+        per_token = layers * (saved + retained) + outside
+    return int(4 * tokens * per_token) + backward
+
+
+def layer_activation_floats(
+    hidden: int,
+    inter: int,
+    heads: int,
+    seq_len: int,
+    *,
+    attention_dropout: bool,
+    hidden_dropout: bool,
+    adapted: tuple[str, ...],
+    rank: int,
+    lora_dropout: bool,
+    full_finetuning: bool,
+) -> tuple[int, int]:
+    """Floats per token and layer that autograd saves, and that the forward frees (attention scores aside).
+
+    Saved (counted with ``torch.autograd.graph.saved_tensors_hooks`` on MiniLM, unique storages,
+    parameters excluded): CPU attention in training with dropout takes the math path and keeps the
+    softmax output, the dropout mask (fp32: CPU dropout multiplies by a float noise tensor) and the
+    dropped probabilities per head and key, plus copies of q (scaled), k and v; both layer norms keep their
+    input and mean/rstd; GELU keeps its input; each hidden dropout keeps its fp32 mask. A linear keeps its
+    input only when its weight trains: full fine-tuning keeps the inputs of q/k/v (one shared), the
+    attention output, the FFN up and down projections; frozen weights keep none. A LoRA linear keeps its
+    dropout's mask and dropped-out input copy (or just its input without dropout) and the rank-r ``A·x``.
+    Without attention dropout one score-sized tensor is assumed (not measured).
+    """
+    role_inputs = {"qkv": hidden, "o": hidden, "up": hidden, "down": inter}
+    attention_copies = 3 if attention_dropout else 1
+    saved = attention_copies * heads * seq_len + 3 * hidden + 2 * (hidden + 2) + inter
+    saved += 2 * hidden if hidden_dropout else 0
+    saved_inputs = set(role_inputs) if full_finetuning else set()
+    lora_temporaries = 0
+    for role in adapted:
+        saved += rank
+        lora_temporaries += 3 * (inter if role == "up" else hidden)  # B·A·x, its scaled copy, the sum
+        if lora_dropout:
+            saved += 2 * role_inputs[role]
+        else:
+            saved_inputs.add(role)
+    saved += sum(role_inputs[r] for r in saved_inputs)
+    # q·scale and k·scale inputs, the attention context, linear outputs not saved elsewhere (q, k, v,
+    # attention output, FFN down), the unsaved linear inputs, the hidden dropouts' outputs
+    temporaries = 3 * hidden + 5 * hidden + sum(v for r, v in role_inputs.items() if r not in saved_inputs)
+    temporaries += 2 * hidden if hidden_dropout else 0
+    return saved, temporaries + lora_temporaries
+
+
+def _dropout(model_config: Any, *names: str) -> float:
+    for name in names:
+        value = getattr(model_config, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return 0.1
+
+
+def zero_stage_bytes(plan: MemoryPlan, devices: int) -> dict[str, int]:
+    """Training memory per device under DDP and each ZeRO stage, spread over ``devices`` devices.
+
+    ZeRO-1 shards the optimizer state, ZeRO-2 also the gradients, ZeRO-3 also the weights; activations are
+    never sharded. Communication buffers and CPU offload are left out.
+    """
+    n = max(devices, 1)
+    weights, grads, optim = plan.weight_bytes, plan.grad_bytes, plan.optimizer_bytes
+    return {
+        "ddp": weights + grads + optim + plan.activation_bytes,
+        "zero1": weights + grads + optim // n + plan.activation_bytes,
+        "zero2": weights + (grads + optim) // n + plan.activation_bytes,
+        "zero3": (weights + grads + optim) // n + plan.activation_bytes,
+    }
+
+
+def recommend_zero_stage(plan: MemoryPlan, devices: int, device_bytes: int | None) -> str:
+    """The least-sharded setup that fits one device (it communicates least), or what to do when none does."""
+    per_stage = zero_stage_bytes(plan, devices)
+    if device_bytes is None:
+        return (
+            "device memory unknown (no CUDA device): pick the first of ddp, zero2, zero3 whose per-device "
+            "bytes fit your GPU with ~10% to spare; zero3_offload when none does"
+        )
+    for stage in ("ddp", "zero2", "zero3"):  # with adapters the optimizer state is small: zero1 saves little
+        if per_stage[stage] <= 0.9 * device_bytes:
+            return f"{stage} fits {devices} device(s) of {format_bytes(device_bytes)}"
+    return (
+        f"even zero3 needs {format_bytes(per_stage['zero3'])} per device of {format_bytes(device_bytes)}: "
+        "use zero3_offload, more devices, gradient checkpointing or a smaller batch"
+    )
 
 
 def measure_optimizer_state(optimizer: Any) -> dict[str, int]:

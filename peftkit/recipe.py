@@ -35,7 +35,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-TABLES = ("model", "task", "data", "adapter", "quantization", "train", "export")
+TABLES = ("model", "task", "data", "adapter", "quantization", "train", "export", "sweep")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -90,6 +90,11 @@ class ModelSection(_Section):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     tokenizer: str | None = Field(None, description="Tokenizer to load, when not the model's own.")
+    decoder_name_or_path: str | None = Field(
+        None,
+        description="seq2seq only: warm-start an EncoderDecoderModel with name_or_path as the encoder and "
+        "this checkpoint as the decoder (cross-attention is new and trained in full).",
+    )
     gguf_file: str | None = Field(None, description="GGUF file inside name_or_path; dequantised on load.")
     trust_remote_code: bool = Field(False, description="Run code shipped with a Hub model. Off by default.")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
@@ -180,6 +185,8 @@ TRAIN_OWN_KEYS: dict[str, str] = {
     "or a path to a DeepSpeed JSON",
     "early_stopping_patience": "stop after this many evaluations without improvement",
     "early_stopping_threshold": "smallest improvement that counts for early stopping",
+    "max_train_minutes": "time budget: after the first step that ends past it, evaluate, save and stop "
+    "(per finetune process; a resumed run gets the budget again)",
     "resume": '"auto" continues the run in output_dir from its newest complete checkpoint (as --resume '
     'does); "never" (the default) refuses an existing run directory',
 }
@@ -244,6 +251,8 @@ class Recipe(BaseModel):
     quantization: QuantizationSection | None
     train: dict[str, Any]  # TrainingArguments keys (defaults applied) + TRAIN_OWN_KEYS
     export: ExportSection
+    # [sweep] as written (validated by peftkit.sweep); only `peftkit sweep` uses it, `finetune` ignores it
+    sweep: dict[str, Any] | None = None
 
     @property
     def task_name(self) -> str:
@@ -263,6 +272,7 @@ class Recipe(BaseModel):
             "quantization": self.quantization.model_dump() if self.quantization else None,
             "train": dict(self.train),
             "export": self.export.model_dump(),
+            "sweep": self.sweep,
         }
 
 
@@ -338,6 +348,16 @@ def recipe_from_dict(
     if train is not None:
         _resolve_deepspeed(train, base, problems)
     _check_combinations(model, task, adapter, quant, train, problems)
+    sweep = data.get("sweep")
+    if sweep is not None:
+        from peftkit.sweep import check_sweep_table, parse_sweep_table
+
+        tables = {table: value for table, value in data.items() if table != "sweep"}
+        problems.extend(
+            check_sweep_table(sweep, tables, source=source, base_dir=base, name=name, check_files=check_files)
+            if not problems  # each searched value is validated against the base recipe once it is valid
+            else parse_sweep_table(sweep)[1]
+        )
     if problems:
         raise RecipeError(source, problems)
     assert model and task and data_section and adapter is not None and train is not None and export
@@ -351,6 +371,7 @@ def recipe_from_dict(
         quantization=quant,
         train=train,
         export=export,
+        sweep=sweep,
     )
 
 
@@ -557,26 +578,43 @@ def _check_own_train_key(key: str, value: Any) -> str:
         "deepspeed": str,
         "early_stopping_patience": int,
         "early_stopping_threshold": float,
+        "max_train_minutes": float,
         "resume": Literal["auto", "never"],
     }
     error = check_value(value, expected[key])
     if not error and key == "early_stopping_patience" and value < 1:
         error = f"must be at least 1, got {value}"
+    if not error and key == "max_train_minutes" and value <= 0:
+        error = f"must be a positive number of minutes, got {value}"
     return error
+
+
+def ds_configs_dir() -> Path:
+    """Shipped DeepSpeed configs: the repository's ds_configs/ (editable installs), else the package copy."""
+    for candidate in (REPO_ROOT / "ds_configs", Path(__file__).parent / "ds_configs"):
+        if candidate.is_dir() and any(candidate.glob("*.json")):
+            return candidate
+    return REPO_ROOT / "ds_configs"
 
 
 def _resolve_deepspeed(train: dict[str, Any], base: Path, problems: list[Problem]) -> None:
     name = train.get("deepspeed")
     if not name:
         return
-    shipped = REPO_ROOT / "ds_configs" / f"{name}.json"
+    shipped = ds_configs_dir() / f"{name}.json"
     candidate = (base / name).expanduser()
     if shipped.is_file() and "/" not in name:
         train["deepspeed"] = str(shipped)
     elif candidate.is_file():
         train["deepspeed"] = str(candidate.resolve())
+        try:
+            json.loads(candidate.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            problems.append(
+                Problem("train.deepspeed", f"{candidate} is not valid JSON: {exc}", "fix the file")
+            )
     else:
-        names = sorted(p.stem for p in (REPO_ROOT / "ds_configs").glob("*.json"))
+        names = sorted(p.stem for p in ds_configs_dir().glob("*.json"))
         problems.append(
             Problem(
                 "train.deepspeed",
@@ -592,7 +630,7 @@ def _resolve_model_paths(
     model: ModelSection, base: Path, problems: list[Problem], check_files: bool
 ) -> ModelSection:
     updates: dict[str, Any] = {}
-    for key in ("name_or_path", "tokenizer"):
+    for key in ("name_or_path", "tokenizer", "decoder_name_or_path"):
         value = getattr(model, key)
         if value is None:
             continue
@@ -721,6 +759,19 @@ def _check_combinations(
                     "set both to 'epoch' or both to 'steps', or load_best_model_at_end = false",
                 )
             )
+        if (
+            train.get("early_stopping_patience")
+            and not train.get("load_best_model_at_end")
+            and train.get("eval_strategy") != "no"
+        ):
+            problems.append(
+                Problem(
+                    "train.early_stopping_patience",
+                    "needs load_best_model_at_end = true, else the saved adapter is the last one trained, "
+                    "not the best",
+                    "remove load_best_model_at_end = false (true is peftkit's default)",
+                )
+            )
         if train.get("early_stopping_patience") and train.get("eval_strategy") == "no":
             problems.append(
                 Problem(
@@ -756,6 +807,39 @@ def _check_combinations(
         problems.append(
             Problem("quantization", "needs bitsandbytes, which is not installed", "pip install bitsandbytes")
         )
+    if model is not None and model.decoder_name_or_path:
+        task_type = str(getattr(task, "type", "seq2seq"))
+        for wrong, what, fix in (
+            (
+                task_type != "seq2seq",
+                f"warm-starts an encoder-decoder, which the {task_type!r} task does not use",
+                "remove it, or use task.type = 'seq2seq'",
+            ),
+            (
+                bool(model.gguf_file),
+                "cannot be combined with model.gguf_file",
+                "warm-start from two Hub ids or local folders",
+            ),
+            (
+                quant is not None,
+                "cannot be combined with [quantization] (the new cross-attention would be "
+                "quantized before it is trained)",
+                "remove [quantization]",
+            ),
+        ):
+            if wrong:
+                problems.append(Problem("model.decoder_name_or_path", what, fix))
+    if quant is not None and train is not None and _zero_stage(train.get("deepspeed")) == 3:
+        problems.append(
+            Problem(
+                "quantization",
+                "cannot be combined with a ZeRO-3 DeepSpeed config (train.deepspeed): ZeRO-3 shards the "
+                "base weights, which needs the quantized weights stored in the compute dtype "
+                "(bnb_4bit_quant_storage), and peftkit does not set that up",
+                "use deepspeed = 'zero2' (the quantized base model is small and stays whole on each "
+                "device), or drop [quantization] to shard a full-precision base with ZeRO-3",
+            )
+        )
     if quant is not None and model is not None and model.gguf_file:
         problems.append(
             Problem("quantization", "cannot be combined with model.gguf_file", "remove one of them")
@@ -770,6 +854,19 @@ def _check_combinations(
                 "quantization", f"not supported with method {adapter.get('method')!r}", "use method = 'lora'"
             )
         )
+
+
+def _zero_stage(config_path: str | None) -> int | None:
+    """The ZeRO stage of a resolved DeepSpeed JSON (None when unset or unreadable; reported elsewhere)."""
+    if not config_path:
+        return None
+    try:
+        config = json.loads(Path(config_path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    zero = config.get("zero_optimization") if isinstance(config, dict) else None
+    stage = zero.get("stage") if isinstance(zero, dict) else None
+    return stage if isinstance(stage, int) else None
 
 
 def _installed(module: str) -> bool:

@@ -155,6 +155,10 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
             f"--resume to continue it, or --set train.output_dir=<new folder>"
         )
     if has_content and overwrite and is_main_process():
+        meta: dict[str, Any] = {}
+        with contextlib.suppress(RunDirError):  # a missing or unreadable record is no reason to keep the run
+            meta = read_json_object(run_dir / RUN_META, {})
+        refuse_if_in_progress(run_dir, meta, "then overwrite it")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -206,6 +210,22 @@ def update_meta(run_dir: Path, **fields: Any) -> dict[str, Any]:
 def process_fields() -> dict[str, Any]:
     """Who is writing the run (stored in peftkit_run.json), so a later command can tell a dead run."""
     return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+def refuse_if_in_progress(run_dir: Path, meta: dict[str, Any], then: str) -> None:
+    """A RunDirError when another live process on this machine is training the run in ``run_dir``."""
+    pid = meta.get("pid")
+    if (
+        meta.get("status") == "running"
+        and pid != os.getpid()
+        and meta.get("host") == socket.gethostname()
+        and isinstance(pid, int)
+        and not process_gone(meta)
+    ):
+        raise RunDirError(
+            f"{run_dir}: another process (pid {pid}) is training this run ({run_dir / RUN_META} says "
+            f"'running'); wait for it to finish or stop it (kill -INT {pid} saves a checkpoint), {then}"
+        )
 
 
 def process_gone(meta: dict[str, Any]) -> bool:
@@ -357,18 +377,7 @@ def check_resumable(run_dir: Path, recipe: dict[str, Any]) -> dict[str, Any] | N
     if not path.exists():
         return None
     meta = read_json_object(path, {"recipe": dict})
-    pid = meta.get("pid")
-    if (
-        meta.get("status") == "running"
-        and pid != os.getpid()
-        and meta.get("host") == socket.gethostname()
-        and isinstance(pid, int)
-        and not process_gone(meta)
-    ):
-        raise RunDirError(
-            f"{run_dir}: another process (pid {pid}) is training this run ({path} says 'running'); "
-            "wait for it to finish or stop it, then resume"
-        )
+    refuse_if_in_progress(run_dir, meta, "then resume")
     stored = json.loads(json.dumps(meta["recipe"], default=str))
     current = json.loads(json.dumps(recipe, default=str))
     changed = _changed_keys(stored, current, RESUME_FIXED_TABLES)

@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,11 +47,14 @@ class TrainingInterrupted(PeftkitError):
         self.summary = summary
 
 
-def finetune(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> RunResult:
+def finetune(
+    recipe: Recipe, *, overwrite: bool = False, resume: bool = False, callbacks: Sequence[Any] = ()
+) -> RunResult:
     """Fine-tune the recipe's base model with its adapter and write the run directory.
 
     ``resume`` (or ``[train] resume = "auto"``) continues the run in the output directory from its newest
-    complete checkpoint; with none there, training starts from the beginning.
+    complete checkpoint; with none there, training starts from the beginning. ``callbacks`` are extra
+    TrainerCallbacks (``peftkit sweep`` reports intermediate metrics to Optuna through one).
     """
     from transformers import set_seed
 
@@ -64,12 +67,21 @@ def finetune(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -
     run_dir = recipe.output_dir.resolve()
     main = runs.is_main_process()
     resume = resume or recipe.train.get("resume") == "auto"
+    task = TASKS[recipe.task_name]
+    # In a distributed launch these arguments start the process group first, so that an error on one rank
+    # (say rank 0 refusing an existing run directory) makes the others fail at their next collective instead
+    # of waiting half an hour to connect to a rank that is gone.
+    launch_args = training_arguments(recipe, task, run_dir)
+    world_size = launch_args.world_size  # reading it starts the process group
+    if getattr(launch_args, "deepspeed_plugin", None) is not None and world_size > 1:  # recipe or accelerate
+        import deepspeed
+
+        deepspeed.init_distributed()  # zero.Init (ZeRO-3 loads weights partitioned) needs DeepSpeed's group
     if main:
         runs.prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
     checkpoint = resume_checkpoint(recipe, run_dir, main) if resume else None
     if main and not resume:
         runs.write_json_atomic(run_dir / runs.RUN_META, _run_meta(recipe, status="running"))
-    task = TASKS[recipe.task_name]
     set_seed(recipe.train["seed"])
 
     with stop_requests() as stop:
@@ -77,13 +89,17 @@ def finetune(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -
             # setup
             tokenizer = load_tokenizer(recipe.model)
             model_config = load_model_config(recipe.model)
-            # data
-            raw = load_raw_datasets(recipe.data, task.columns)
-            labels = task.prepare_labels(raw, recipe.task)
-            if main:  # early, so that a checkpoint of an interrupted run can be used on its own
-                runs.write_json_atomic(run_dir / runs.LABELS, _labels_record(task, labels))
-            ctx = TaskContext(cfg=recipe.task, tokenizer=tokenizer, labels=labels, model_config=model_config)
-            features = tokenize_splits(raw, task, ctx, num_proc=recipe.data.num_proc)
+            # data: in a distributed launch the main process loads and tokenizes first, filling the datasets
+            # cache, and the others then read it
+            with launch_args.main_process_first(local=True, desc="loading and tokenizing data"):
+                raw = load_raw_datasets(recipe.data, task.columns)
+                labels = task.prepare_labels(raw, recipe.task)
+                if main:  # early, so that a checkpoint of an interrupted run can be used on its own
+                    runs.write_json_atomic(run_dir / runs.LABELS, _labels_record(task, labels))
+                ctx = TaskContext(
+                    cfg=recipe.task, tokenizer=tokenizer, labels=labels, model_config=model_config
+                )
+                features = tokenize_splits(raw, task, ctx, num_proc=recipe.data.num_proc)
             # model and adapter
             model = load_model(recipe.model, task, ctx, recipe.quantization)
             if recipe.quantization is not None:
@@ -95,7 +111,9 @@ def finetune(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -
             model = apply_adapter(model, recipe.adapter, task, model_config)
             trainable, total = count_parameters(model)
             # train (a first SIGINT/SIGTERM now saves a checkpoint and stops after the current step)
-            trainer = build_trainer(recipe, task, ctx, model, raw, features, run_dir, stop=stop)
+            trainer = build_trainer(
+                recipe, task, ctx, model, raw, features, run_dir, stop=stop, extra_callbacks=callbacks
+            )
             stop.training = True
             train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             stop.training = False
@@ -125,9 +143,12 @@ def finetune(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -
             metrics["best_checkpoint"] = trainer.state.best_model_checkpoint
             if checkpoint is not None:
                 metrics["resumed_from"] = str(checkpoint)
-            # save
-            if main:
-                save_run(trainer, recipe, task, ctx, run_dir, metrics, data_fingerprints(raw))
+            # save: every rank joins (under ZeRO-3 save_model gathers the adapter's shards); rank 0 writes
+            save_run(trainer, recipe, task, ctx, run_dir, metrics, data_fingerprints(raw), main=main)
+            if world_size > 1:
+                import torch.distributed as dist
+
+                dist.barrier()  # no rank leaves (and ends its process) before rank 0 has written the run
         except TrainingInterrupted as exc:
             _record_stop(main, run_dir, "interrupted", exc.summary)
             raise
@@ -140,6 +161,19 @@ def finetune(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -
             _record_stop(main, run_dir, "failed", f"{type(exc).__name__}: {exc}")
             raise
     return RunResult(run_dir=run_dir, metrics=metrics)
+
+
+def leave_process_group() -> None:
+    """End a distributed launch cleanly: every rank leaves the process group before its process exits.
+
+    Left to interpreter shutdown, a ZeRO-3 rank on CPU once aborted ("terminate called without an active
+    exception") while rank 0 was still saving, and the launcher then killed the whole job.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def resume_checkpoint(recipe: Recipe, run_dir: Path, main: bool) -> Path | None:
@@ -242,6 +276,39 @@ def stop_requests() -> Iterator[StopRequest]:
             signal.signal(signum, handler)
 
 
+def time_budget_callback(minutes: float) -> Any:
+    """A TrainerCallback that ends training after the first step finishing past ``minutes`` of training.
+
+    That last step is evaluated (when the run evaluates at all) and saved, so the run ends like a finished
+    one: its final model is scored and the best checkpoint is chosen among all evaluations.
+    """
+    from transformers import TrainerCallback
+
+    class TimeBudget(TrainerCallback):
+        started: float | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            self.started = time.monotonic()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if self.started is None or time.monotonic() - self.started < minutes * 60:
+                return control
+            if state.global_step < state.max_steps:
+                logger.warning(
+                    "time budget of %s minutes (train.max_train_minutes) reached at step %d of %d: "
+                    "evaluating, saving and stopping",
+                    f"{minutes:g}",
+                    state.global_step,
+                    state.max_steps,
+                )
+            control.should_training_stop = True
+            control.should_evaluate = args.eval_strategy != "no"
+            control.should_save = args.save_strategy != "no"
+            return control
+
+    return TimeBudget()
+
+
 def save_and_stop_callback(request: StopRequest) -> Any:
     """A TrainerCallback that ends training with a checkpoint once ``request`` holds a signal."""
     from transformers import TrainerCallback
@@ -299,6 +366,7 @@ def build_trainer(
     features: dict[str, Any],
     run_dir: Path,
     stop: StopRequest | None = None,
+    extra_callbacks: Sequence[Any] = (),
 ) -> Any:
     from transformers import EarlyStoppingCallback, Trainer
 
@@ -314,8 +382,9 @@ def build_trainer(
         )
     if stop is not None:
         callbacks.append(save_and_stop_callback(stop))
+    callbacks.extend(extra_callbacks)
     validation = "validation" in features and args.eval_strategy != "no"
-    return trainer_cls(
+    trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=features["train"],
@@ -326,6 +395,58 @@ def build_trainer(
         if validation
         else None,
         callbacks=callbacks,
+    )
+    weights = class_weights_for(ctx, features["train"])
+    if weights is not None:
+        import torch
+
+        trainer.class_weights = torch.tensor(weights, dtype=torch.float32)
+        logger.info("class weights in the loss: %s", dict(zip(ctx.labels or (), weights, strict=True)))
+    return trainer
+
+
+def class_weights_for(ctx: TaskContext, train_features: Any) -> list[float] | None:
+    """The loss weight of each label id from ``[task] class_weights`` (seq_cls, token_cls), or None.
+
+    ``"balanced"`` gives class c the weight n / (k * n_c), counted over the training split's labelled
+    targets (examples for seq_cls, labelled tokens for token_cls; positions ignored by the loss do not
+    count). A class absent from the training split gets weight 1: it is never a training target.
+    """
+    from peftkit.errors import DataError
+
+    setting = getattr(ctx.cfg, "class_weights", None)
+    if setting is None or ctx.labels is None:
+        return None
+    classes = len(ctx.labels)
+    if setting != "balanced":
+        weights = [float(w) for w in setting]
+        if len(weights) != classes:
+            raise DataError(
+                f"task.class_weights has {len(weights)} weights but the data has {classes} labels "
+                f"{list(ctx.labels)}; give one weight per label, in this order"
+            )
+        return weights
+    return balanced_class_weights(train_features["labels"], classes)
+
+
+def balanced_class_weights(labels: Sequence[Any], classes: int) -> list[float]:
+    """n / (classes * n_c) for label ids (nested lists for token labels; negative ids are ignored)."""
+    counts = [0] * classes
+    for item in labels:
+        for label in item if isinstance(item, (list, tuple)) else (item,):
+            if 0 <= int(label) < classes:
+                counts[int(label)] += 1
+    total = sum(counts)
+    return [total / (classes * count) if count else 1.0 for count in counts]
+
+
+def weighted_cross_entropy(logits: Any, labels: Any, weights: Any) -> Any:
+    """Cross-entropy with a weight per class: sum_i w[y_i] * loss_i / sum_i w[y_i] (label -100 skipped)."""
+    import torch
+
+    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+    return torch.nn.functional.cross_entropy(
+        flat_logits, labels.reshape(-1), weight=weights.to(flat_logits.device), ignore_index=-100
     )
 
 
@@ -339,6 +460,24 @@ def with_shuffled_length_groups(trainer_cls: Any) -> Any:
     from peftkit.batching import ShuffledLengthGroupedSampler
 
     class PeftkitTrainer(trainer_cls):
+        class_weights: Any = None  # a float tensor, one weight per label id ([task] class_weights)
+
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            if self.class_weights is None or "labels" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            # a per-batch weighted mean (not normalised across gradient-accumulation steps)
+            loss = weighted_cross_entropy(outputs.logits, labels, self.class_weights)
+            return (loss, outputs) if return_outputs else loss
+
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             # The Trainer drops unused columns (our "length" too) before asking for a sampler: read the
             # lengths from the full training set, whose rows are the same in the same order.
@@ -423,14 +562,19 @@ def save_run(
     run_dir: Path,
     metrics: dict[str, Any],
     fingerprints: dict[str, Any],
+    main: bool = True,
 ) -> None:
     """Adapter, tokenizer, config with labels, labels.json, metrics, plots; status last.
 
     Files written by transformers, peft and matplotlib go to a staging folder first and are then renamed
     into place one by one, so every file appears whole; "completed" is written only after all of them.
+    In a distributed run every rank calls this: the others only join save_model's gather and write nothing.
     """
     from peftkit.plots import plot_curves
 
+    if not main:
+        trainer.save_model(str(run_dir / runs.STAGING))  # the Trainer writes only from the main process
+        return
     metric, _ = task.best_metric(recipe.task)
     with runs.staging_dir(run_dir) as stage:
         trainer.save_model(str(stage))  # adapter_config.json + adapter_model.safetensors + tokenizer

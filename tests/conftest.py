@@ -29,16 +29,14 @@ def minilm_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
-@pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer, hidden-32 BERT with MiniLM's uncased WordPiece tokenizer, saved as a local checkpoint."""
+def save_tiny_bert(out: Path, **config: Any) -> Path:
+    """A 2-layer, hidden-32 random BERT (seed 0) with MiniLM's uncased WordPiece tokenizer, saved in ``out``;
+    ``config`` overrides BertConfig fields."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    out = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
+    settings = dict(
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -46,9 +44,15 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         max_position_embeddings=512,
     )
     torch.manual_seed(0)
-    BertModel(config).save_pretrained(out)
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, **{**settings, **config})).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, hidden-32 BERT with MiniLM's uncased WordPiece tokenizer, saved as a local checkpoint."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 def run_cli(

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -31,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value the loss skips (prompt, padding)
 SOURCE_PLACEHOLDER = "{source}"
+# other {field} placeholders of a prompt template name fields of the record (e.g. "{aspect}: {source}")
+FIELD_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class Seq2SeqConfig(TaskConfig):
@@ -43,8 +46,9 @@ class Seq2SeqConfig(TaskConfig):
     prompt_template: str | None = Field(
         None,
         description="How a source becomes the model input; must contain {source}, e.g. "
-        "'Translate English to Spanish: {source}'. Default: the source itself (decoder-only models without "
-        "a chat template get a newline after it, so the target starts on a line of its own).",
+        "'Translate English to Spanish: {source}'; other {name} placeholders take the record's field of "
+        "that name (e.g. '{aspect} summary: {source}'). Default: the source itself (decoder-only models "
+        "without a chat template get a newline after it, so the target starts on a line of its own).",
     )
     use_chat_template: bool | Literal["auto"] = Field(
         "auto",
@@ -109,6 +113,14 @@ class Seq2SeqConfig(TaskConfig):
         return self
 
     @property
+    def template_fields(self) -> list[str]:
+        """Record fields the prompt template reads besides the source, in order of first use."""
+        if self.prompt_template is None:
+            return []
+        names = FIELD_PLACEHOLDER.findall(self.prompt_template)
+        return [n for n in dict.fromkeys(names) if n != "source"]
+
+    @property
     def generation_limit(self) -> int:
         """Most new tokens per generated example."""
         return self.max_new_tokens if self.max_new_tokens is not None else self.max_target_length
@@ -152,6 +164,12 @@ def prepare_labels(raw: Any, cfg: Seq2SeqConfig) -> None:
     so both are refused with the split and record number.
     """
     for split, ds in raw.items():
+        for field in cfg.template_fields:
+            if field not in ds.column_names:
+                raise DataError(
+                    f"task.prompt_template uses {{{field}}}, but the {split} split has no {field!r} field "
+                    f"(fields: {ds.column_names}); add it to the data or remove the placeholder"
+                )
         for column in ("source", "target"):
             if column not in ds.column_names:
                 if column == "target" and split == "test":
@@ -213,11 +231,31 @@ def _warn_truncated(lengths: list[int], limit: int, what: str, key: str) -> None
         )
 
 
-def render_prompt(source: str, cfg: Seq2SeqConfig) -> str:
-    """The source in the prompt template (``{source}`` replaced; other braces are kept as written)."""
-    if cfg.prompt_template is not None:
-        return cfg.prompt_template.replace(SOURCE_PLACEHOLDER, source)
-    return cfg.source_prefix + source
+def render_prompt(source: str, cfg: Seq2SeqConfig, fields: Mapping[str, Any] | None = None) -> str:
+    """The source in the prompt template: ``{source}`` and ``{field}`` placeholders of
+    ``cfg.template_fields`` replaced in one pass (so a source containing braces is never re-expanded);
+    other braces are kept as written."""
+    if cfg.prompt_template is None:
+        return cfg.source_prefix + source
+    values = {"source": source, **{k: str(v) for k, v in (fields or {}).items()}}
+
+    def fill(match: re.Match[str]) -> str:
+        return values.get(match.group(1), match.group(0))
+
+    return FIELD_PLACEHOLDER.sub(fill, cfg.prompt_template)
+
+
+def _template_values(
+    batch: Mapping[str, Sequence[Any]], cfg: Seq2SeqConfig, size: int
+) -> list[dict[str, Any]]:
+    """Per record, the fields the prompt template reads; a DataError names a missing one."""
+    for field in cfg.template_fields:
+        if field not in batch:
+            raise DataError(
+                f"task.prompt_template uses {{{field}}}, but the records have no {field!r} field; add it to "
+                "each record or remove the placeholder"
+            )
+    return [{field: batch[field][i] for field in cfg.template_fields} for i in range(size)]
 
 
 def uses_chat_template(ctx: TaskContext) -> bool:
@@ -284,7 +322,8 @@ def preprocess(batch: dict[str, list[Any]], ctx: TaskContext, train: bool) -> di
     targets = _check_texts(batch["target"], "target") if batch.get("target") is not None else None
     sources, source_lengths = _truncate_to_tokens(sources, ctx.tokenizer, cfg.max_source_length)
     _warn_truncated(source_lengths, cfg.max_source_length, "source", "max_source_length")
-    prompts = [render_prompt(source, cfg) for source in sources]
+    fields = _template_values(batch, cfg, len(sources))
+    prompts = [render_prompt(source, cfg, values) for source, values in zip(sources, fields, strict=True)]
     if is_encoder_decoder(ctx.model_config):
         return _preprocess_encoder_decoder(prompts, targets, ctx)
     return _preprocess_decoder_only(prompts, targets, ctx, train)
@@ -611,7 +650,8 @@ def predict(model: Any, ctx: TaskContext, records: list[dict[str, Any]]) -> list
                     f"record {start + offset}: no 'source' text ({record.get('source')!r}); each record "
                     "needs one (map another field with [data] columns = {source = '<field>'})"
                 )
-        features = preprocess({"source": [r["source"] for r in chunk]}, ctx, train=False)
+        columns = ("source", *(f for f in ctx.cfg.template_fields if all(f in r for r in chunk)))
+        features = preprocess({c: [r[c] for r in chunk] for c in columns}, ctx, train=False)
         rows = [{k: v[i] for k, v in features.items()} for i in range(len(chunk))]
         batch = collate(rows)
         generated = generate_from_prompts(

@@ -24,6 +24,11 @@ class SeqClsConfig(TaskConfig):
         None, description="Label names in id order; default: sorted labels found in the training split."
     )
     predict_batch_size: int = Field(64, ge=1, description="Batch size of `peftkit predict`.")
+    class_weights: Literal["balanced"] | list[float] | None = Field(
+        None,
+        description="Weighted cross-entropy for imbalanced labels: 'balanced' (n / (k * n_c) from the "
+        "training split) or one weight per label in id order.",
+    )
 
     @model_validator(mode="after")
     def _labels_consistent(self) -> SeqClsConfig:
@@ -35,11 +40,30 @@ class SeqClsConfig(TaskConfig):
                     f"num_labels = {self.num_labels} but label_list has {len(self.label_list)} names; "
                     "remove num_labels"
                 )
+        if self.class_weights is not None and self.is_regression:
+            raise ValueError("class_weights needs classification; remove it for regression (num_labels = 1)")
+        check_class_weights(self.class_weights, len(self.label_list) if self.label_list else self.num_labels)
         return self
 
     @property
     def is_regression(self) -> bool:
         return self.num_labels == 1
+
+
+def check_class_weights(weights: str | list[float] | None, classes: int | None) -> None:
+    """A weight list has one non-negative weight per label (when the label count is known) and one above 0."""
+    if weights is None or isinstance(weights, str):
+        return
+    negative = [w for w in weights if w < 0]
+    if negative:
+        raise ValueError(f"class_weights must not be negative, got {negative}; use weights >= 0")
+    if not any(w > 0 for w in weights):
+        raise ValueError("class_weights are all 0; give at least one label a positive weight")
+    if classes is not None and len(weights) != classes:
+        raise ValueError(
+            f"class_weights has {len(weights)} weights for {classes} labels; give one weight per label, "
+            "in label id order"
+        )
 
 
 COLUMNS = {"text": True, "text_pair": False, "label": True}

@@ -31,6 +31,7 @@ from pydantic import Field, model_validator
 from peftkit.errors import DataError, PeftkitError
 from peftkit.metrics.tagging import decode_entities, entity_scores, tag_scores
 from peftkit.tasks.base import Task, TaskConfig, TaskContext
+from peftkit.tasks.seq_cls import check_class_weights
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +74,17 @@ class TokenClsConfig(TaskConfig):
         "supplies them otherwise).",
     )
     predict_batch_size: int = Field(32, ge=1, description="Batch size (windows) of `peftkit predict`.")
+    class_weights: Literal["balanced"] | list[float] | None = Field(
+        None,
+        description="Weighted cross-entropy for rare tags: 'balanced' (n / (k * n_c) over the training "
+        "split's labelled tokens) or one weight per tag in id order.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TokenClsConfig:
         if self.label_list is not None and len(set(self.label_list)) != len(self.label_list):
             raise ValueError("label_list has duplicates; list each tag once, in id order")
+        check_class_weights(self.class_weights, len(self.label_list) if self.label_list else None)
         if self.long_inputs == "window" and self.stride * 2 >= self.max_length:
             raise ValueError(
                 f"stride = {self.stride} must be less than half of max_length = {self.max_length} "

@@ -19,6 +19,7 @@ DATA = FIXTURES / "seq2seq"
 RECIPE = """
 [model]
 name_or_path = "{model}"
+{model_extra}
 
 [task]
 type = "seq2seq"
@@ -48,10 +49,13 @@ output_dir = "{out}"
 
 
 def save_tiny(kind: str, folder: Path) -> Path:
-    """A tiny random T5 or Llama with MiniLM's tokenizer ([SEP] as EOS; a toy chat template for Llama)."""
+    """A tiny random T5, Llama or BERT encoder (warm-started as both halves of an encoder-decoder) with
+    MiniLM's tokenizer ([SEP] as EOS; a toy chat template for Llama)."""
     import torch
     from transformers import (
         AutoTokenizer,
+        BertConfig,
+        BertModel,
         LlamaConfig,
         LlamaForCausalLM,
         T5Config,
@@ -70,6 +74,12 @@ def save_tiny(kind: str, folder: Path) -> Path:
             decoder_start_token_id=0, **ids,
         )  # fmt: skip
         model: Any = T5ForConditionalGeneration(config)
+    elif kind == "bert2bert":
+        config = BertConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=128,
+        )  # fmt: skip
+        model = BertModel(config)
     else:
         tokenizer.chat_template = (
             "{% for m in messages %}[unused0] {{ m['content'] }} [unused1]{% endfor %}"
@@ -87,6 +97,8 @@ def save_tiny(kind: str, folder: Path) -> Path:
 
 
 VARIANTS = {
+    # [model] decoder_name_or_path warm-starts an EncoderDecoderModel from two encoder checkpoints
+    "bert2bert": ('source_prefix = "spanish: "', '["query", "value"]'),
     "t5": ('source_prefix = "translate English to Spanish: "', '["q", "v"]'),
     "llama": ('prompt_template = "Spanish: {source}"', '["q_proj", "k_proj", "v_proj", "o_proj"]'),
 }
@@ -99,7 +111,10 @@ def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     model = save_tiny(kind, work / "model")
     task, targets = VARIANTS[kind]
     recipe = work / "recipe.toml"
-    recipe.write_text(RECIPE.format(model=model, task=task, data=DATA, targets=targets, out=work / "run"))
+    extra = f'decoder_name_or_path = "{model}"' if kind == "bert2bert" else ""
+    recipe.write_text(
+        RECIPE.format(model=model, model_extra=extra, task=task, data=DATA, targets=targets, out=work / "run")
+    )
     result = run_cli("finetune", str(recipe), cwd=work, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return work, work / "run"
@@ -137,7 +152,7 @@ def test_predict_reproduces_test_predictions_in_a_fresh_process(trained: tuple[P
 def test_prompt_template_without_placeholder_is_a_clear_recipe_error(tmp_path: Path) -> None:
     recipe = tmp_path / "recipe.toml"
     text = RECIPE.format(
-        model="unused", task='prompt_template = "Spanish:"', data=DATA, targets="[]", out="x"
+        model="unused", model_extra="", task='prompt_template = "Spanish:"', data=DATA, targets="[]", out="x"
     )
     recipe.write_text(text)
     result = run_cli("validate", str(recipe), cwd=tmp_path, timeout=600)
@@ -152,3 +167,39 @@ def test_evaluate_command_matches_training_metrics(trained: tuple[Path, Path]) -
     assert result.returncode == 0, result.stderr[-3000:]
     saved = json.loads((run / "metrics.json").read_text())["test"]
     assert f"chrf={saved['chrf']:.4f}" in result.stdout
+
+
+def test_warm_start_trains_cross_attention_and_reloads_it(trained: tuple[Path, Path]) -> None:
+    """For bert2bert the adapter carries the new cross-attention in full; the other variants have none."""
+    from safetensors import safe_open
+
+    work, run = trained
+    with safe_open(str(run / "adapter_model.safetensors"), "pt") as weights:
+        names = list(weights.keys())
+    crossattention = [n for n in names if ".crossattention." in n]
+    if "decoder_name_or_path" in (work / "recipe.toml").read_text():
+        assert any(n.endswith("crossattention.self.query.weight") for n in crossattention), names[:20]
+    else:
+        assert not crossattention
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("[quantization]\nbits = 4\n", "model.decoder_name_or_path: cannot be combined with [quantization]"),
+        ("", "model.decoder_name_or_path: warm-starts an encoder-decoder, which the 'seq_cls' task"),
+    ],
+)
+def test_warm_start_refuses_impossible_combinations(tmp_path: Path, extra: str, message: str) -> None:
+    text = RECIPE.format(
+        model=tmp_path, model_extra=f'decoder_name_or_path = "{tmp_path}"', task="", data=DATA,
+        targets='["query"]', out="x",
+    )  # fmt: skip
+    if not extra:  # the wrong task: a classification recipe with a decoder
+        text = text.replace('type = "seq2seq"', 'type = "seq_cls"')
+        text = "\n".join(line for line in text.splitlines() if not line.startswith(("max_", "metrics")))
+    (tmp_path / "recipe.toml").write_text(text + extra)
+    result = run_cli("validate", str(tmp_path / "recipe.toml"), cwd=tmp_path, timeout=600)
+    assert result.returncode == 2, result.stdout
+    assert message in result.stderr.replace("\n  ", " "), result.stderr
+    assert "Traceback" not in result.stderr

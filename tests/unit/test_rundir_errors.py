@@ -265,6 +265,27 @@ def test_resume_refuses_a_changed_recipe_and_a_live_process(
     assert runs.check_resumable(tmp_path / "nothing-yet", {}) is None
 
 
+def test_overwrite_refuses_a_run_a_live_process_is_training(tmp_path: Path) -> None:
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = make_run(tmp_path / "l", status="running", pid=sleeper.pid, host=socket.gethostname())
+        with pytest.raises(
+            RunDirError, match=rf"pid {sleeper.pid}\) is training this run.*then overwrite it"
+        ):
+            runs.prepare_run_dir(live, overwrite=True, resume=False)
+        assert (live / runs.RUN_META).is_file()  # nothing was removed
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    runs.prepare_run_dir(live, overwrite=True, resume=False)  # the process is gone: overwrite proceeds
+    assert live.is_dir() and not any(live.iterdir())
+    garbled = tmp_path / "g"
+    garbled.mkdir()
+    (garbled / runs.RUN_META).write_text("{not json")
+    runs.prepare_run_dir(garbled, overwrite=True, resume=False)  # an unreadable record does not block it
+    assert not any(garbled.iterdir())
+
+
 def test_resume_refuses_checkpoints_without_optimizer_state(tmp_path: Path) -> None:
     from peftkit.recipe import recipe_from_dict
     from peftkit.training import resume_checkpoint

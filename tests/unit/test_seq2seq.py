@@ -144,6 +144,35 @@ def test_render_prompt_keeps_other_braces() -> None:
     assert render_prompt("hi", Seq2SeqConfig(source_prefix="summarize: ")) == "summarize: hi"
 
 
+def test_template_fields_come_from_the_record_and_are_expanded_once() -> None:
+    cfg = Seq2SeqConfig(prompt_template="{aspect} of: {source} {not a field} {source}")
+    assert cfg.template_fields == ["aspect"]
+    # a source holding a placeholder is text, not a template: it is not expanded again
+    assert render_prompt("x {aspect}", cfg, {"aspect": "outcome"}) == (
+        "outcome of: x {aspect} {not a field} x {aspect}"
+    )
+
+
+def test_template_field_missing_from_the_data_is_named() -> None:
+    from datasets import Dataset, DatasetDict
+
+    cfg = Seq2SeqConfig(prompt_template="{aspect}: {source}")
+    raw = DatasetDict({"train": Dataset.from_dict({"source": ["a"], "target": ["x"]})})
+    with pytest.raises(DataError, match=r"uses \{aspect\}, but the train split has no 'aspect' field"):
+        prepare_labels(raw, cfg)
+    raw["train"] = raw["train"].add_column("aspect", ["outcome"])
+    assert prepare_labels(raw, cfg) is None
+
+
+def test_template_fields_reach_the_encoder_input(tokenizer: Any) -> None:
+    cfg = Seq2SeqConfig(prompt_template="{aspect}: {source}")
+    ctx = TaskContext(cfg=cfg, tokenizer=tokenizer, labels=None, model_config=t5_config())
+    features = preprocess({"source": ["a cat"], "target": ["x"], "aspect": ["outcome"]}, ctx, train=True)
+    assert tokenizer.decode(features["input_ids"][0], skip_special_tokens=True) == "outcome : a cat"
+    with pytest.raises(DataError, match="the records have no 'aspect' field"):
+        preprocess({"source": ["a cat"], "target": ["x"]}, ctx, train=True)
+
+
 def test_generation_limit_defaults_to_max_target_length() -> None:
     assert Seq2SeqConfig(max_target_length=40).generation_limit == 40
     assert Seq2SeqConfig(max_target_length=40, max_new_tokens=7).generation_limit == 7

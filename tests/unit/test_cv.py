@@ -1,0 +1,38 @@
+"""Cross-validation folds and the mean ± std summary."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from peftkit.cv import flatten_numbers, fold_indices, summarize
+
+
+def test_stratified_folds_partition_the_data_and_keep_label_shares() -> None:
+    labels = ["spam"] * 12 + ["ham"] * 48
+    folds = fold_indices(labels, len(labels), 4, seed=1)
+    assert sorted(i for fold in folds for i in fold) == list(range(60))  # each example held out once
+    for fold in folds:
+        assert len(fold) == 15
+        assert sum(labels[i] == "spam" for i in fold) == 3  # 12 spam / 4 folds
+
+
+def test_plain_folds_without_labels() -> None:
+    folds = fold_indices(None, 10, 3, seed=0)
+    assert sorted(len(f) for f in folds) == [3, 3, 4]
+    assert sorted(i for fold in folds for i in fold) == list(range(10))
+
+
+def test_summary_is_mean_and_sample_std_of_every_numeric_leaf() -> None:
+    folds = [
+        {"validation": {"f1": 0.5, "note": "x"}, "wall_time_s": 10, "flag": True, "best_checkpoint": None},
+        {"validation": {"f1": 0.7}, "wall_time_s": 14},
+        {"validation": {"f1": 0.9}, "wall_time_s": 12},
+    ]
+    assert flatten_numbers(folds[0]) == {"validation.f1": 0.5, "wall_time_s": 10.0}
+    summary = summarize(folds)
+    assert set(summary) == {"validation.f1", "wall_time_s"}
+    assert summary["validation.f1"]["mean"] == pytest.approx(0.7)
+    assert summary["validation.f1"]["std"] == pytest.approx(statistics.stdev([0.5, 0.7, 0.9]))
+    assert summary["wall_time_s"] == pytest.approx({"mean": 12, "std": 2.0, "min": 10, "max": 14, "n": 3})
