@@ -401,7 +401,7 @@ def matmul_ceiling(
     dtype: str = "float32",
     seconds: float = 0.5,
 ) -> dict[str, Any]:
-    """FLOP/s of the model's GEMMs (linear layers forward and their input-gradient products) at the
+    """FLOP/s of the model's linear-layer GEMMs (x @ Wᵀ, fp32 on CPU) at the
     given tokens per step, measured in this process; the ceiling is the best shape."""
     import torch
 
@@ -409,6 +409,7 @@ def matmul_ceiling(
     torch_dtype = getattr(torch, dtype)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     shapes = [(hidden, hidden), (hidden, intermediate), (intermediate, hidden)]
+    burst = 50 if device == "cuda" else 1  # a GPU call takes microseconds: time many, not the launch
     rows = []
     for tokens in token_counts:
         for k, n in shapes:
@@ -422,10 +423,10 @@ def matmul_ceiling(
             fastest, started = float("inf"), time.perf_counter()
             while time.perf_counter() - started < seconds:
                 tick = time.perf_counter()
-                for _ in range(5):
+                for _ in range(burst):
                     torch.nn.functional.linear(a, w)
                 sync()
-                fastest = min(fastest, (time.perf_counter() - tick) / 5)
+                fastest = min(fastest, (time.perf_counter() - tick) / burst)
             rows.append({"tokens": tokens, "k": k, "n": n, "flops_per_s": 2 * tokens * k * n / fastest})
     best = max(rows, key=lambda r: r["flops_per_s"])
     out = {"shapes": rows, "ceiling_flops_per_s": best["flops_per_s"], "threads": threads, "dtype": dtype}
@@ -462,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--peftkit-set", action="append", default=[], help="extra override for the peftkit arm"
     )
     parser.add_argument(
-        "--mega-batch-mult", type=int, default=None, help="peftkit arm: batches sorted together (default 50)"
+        "--mega-batch-mult", type=int, default=None, help="peftkit arm: batches sorted together (default 100)"
     )
     parser.add_argument("--output", default=None, help="write every figure as JSON here")
     parser.add_argument("--work", default=None, help="run folders (default: a temporary folder)")
@@ -540,7 +541,7 @@ def verdict(value: float | None, limit: float) -> str:
 
 
 def report(
-    rows: dict[str, dict[str, Any]], ceiling: dict[str, Any], info: dict[str, Any], padding: dict[str, Any]
+    rows: dict[str, dict[str, Any]], ceiling: dict[str, Any], info: dict[str, Any], sampler: dict[str, Any]
 ) -> dict[str, Any]:
     """Print the table and the ratios; returns the derived figures."""
     top = ceiling["ceiling_flops_per_s"]
@@ -615,12 +616,12 @@ def report(
                 f"{fmt(acc, '+.2f')} points, spam F1 {fmt(f1, '+.2f')} points → {met}"
             )
     print(
-        f"\npeftkit's sampler on the recipe's whole training split ({padding['rows']} rows, batch "
-        f"{padding['batch_size']}, {padding['epochs']} epoch(s), from the length column): padding "
-        f"{padding['padding_fraction']:.1%} (target ≤ 5%: {verdict(padding['padding_fraction'], 0.05)}); "
-        f"random batches: {padding['random_batches_padding_fraction']:.1%}"
+        f"\npeftkit's sampler on the recipe's whole training split ({sampler['rows']} rows, batch "
+        f"{sampler['batch_size']}, {sampler['epochs']} epoch(s), from the length column): padding "
+        f"{sampler['padding_fraction']:.1%} (target ≤ 5%: {verdict(sampler['padding_fraction'], 0.05)}); "
+        f"random batches: {sampler['random_batches_padding_fraction']:.1%}"
     )
-    derived["sampler_padding_fraction"] = padding["padding_fraction"]
+    derived["sampler_padding_fraction"] = sampler["padding_fraction"]
     lora, full = rows.get("lora_steps"), rows.get("full_steps")
     if lora and full:
         step = derived["lora_full_step_ratio"] = div(lora["step_mean"], full["step_mean"])

@@ -19,7 +19,8 @@ def test_recipes_are_shipped() -> None:
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_shipped_recipe_validates(path: Path) -> None:
     first = path.read_text().splitlines()[0]
-    assert first == f"# peftkit finetune recipes/{path.name}", "a recipe opens with the command that runs it"
+    commands = (f"# peftkit finetune recipes/{path.name}", f"# peftkit sweep recipes/{path.name} --trials 6")
+    assert first in commands, "a recipe opens with the command that runs it"
     recipe = load_recipe(path)
     assert recipe.task_name in TASKS
     data = recipe.data
