@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -207,9 +208,10 @@ def data_fingerprints(raw: Any) -> dict[str, dict[str, Any]]:
 
 def tokenize_splits(raw: Any, task: Task, ctx: TaskContext, num_proc: int | None = None) -> dict[str, Any]:
     """Run ``task.preprocess`` over every split, cached by a fingerprint of everything it depends on."""
-    # seq2seq preprocessing depends on the model family (encoder-decoder or decoder-only)
-    family = str(getattr(ctx.model_config, "is_encoder_decoder", None))
-    tokenizer_id = _tokenizer_fingerprint(ctx.tokenizer) + family
+    # preprocessing may read the model config (seq2seq: the family, the decoder start token) and changes with
+    # the task's code (a new peftkit version must not reuse features tokenized the old way)
+    model_config = ctx.model_config.to_json_string() if hasattr(ctx.model_config, "to_json_string") else ""
+    tokenizer_id = _tokenizer_fingerprint(ctx.tokenizer) + model_config + _source_fingerprint(task.preprocess)
     config = json.dumps(ctx.cfg.model_dump(), sort_keys=True, default=str)
     features: dict[str, Any] = {}
     for split, ds in raw.items():
@@ -248,6 +250,16 @@ def _preprocess_batch(
 
 def _add_length(batch: dict[str, list[Any]]) -> dict[str, list[int]]:
     return {"length": [len(ids) for ids in batch["input_ids"]]}
+
+
+def _source_fingerprint(function: Callable[..., Any]) -> str:
+    """A hash of the source of the module that defines ``function`` ('' when it cannot be read)."""
+    module = inspect.getmodule(function)
+    try:
+        source = inspect.getsource(module) if module is not None else ""
+    except (OSError, TypeError):
+        source = ""
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
 def _tokenizer_fingerprint(tokenizer: Any) -> str:

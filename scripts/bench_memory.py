@@ -234,7 +234,8 @@ def full_finetune_metrics(recipe: object, args: argparse.Namespace) -> dict[str,
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"full fine-tuning run failed:\n{done.stderr[-2000:]}")
-    result = json.loads(done.stdout[done.stdout.index("{") :])
+    # the Trainer prints its log dicts first; the script's result is the indented JSON object at the end
+    result = json.loads(done.stdout[done.stdout.rindex('{\n  "train"') :])
     return dict(result["test"])
 
 

@@ -342,8 +342,26 @@ def _preprocess_encoder_decoder(
         limit = ctx.cfg.max_target_length
         full = tokenizer(text_target=targets)["input_ids"]
         _warn_truncated([len(ids) for ids in full], limit, "target", "max_target_length")
-        features["labels"] = tokenizer(text_target=targets, max_length=limit, truncation=True)["input_ids"]
+        labels = tokenizer(text_target=targets, max_length=limit, truncation=True)["input_ids"]
+        # The decoder is fed the start token and then the labels shifted right. A tokenizer that opens every
+        # text with that same token (BERT's [CLS] in a warm-started BERT2BERT) would make the first target
+        # "repeat the start token": the model learns it and then generates [CLS] forever. BART's <s> differs
+        # from its start token </s> and stays.
+        start = decoder_start_token_id(ctx.model_config, None, tokenizer)
+        features["labels"] = [ids[1:] if len(ids) > 1 and ids[0] == start else ids for ids in labels]
     return features
+
+
+def decoder_start_token_id(model_config: Any, generation_config: Any, tokenizer: Any) -> int | None:
+    """The token an encoder-decoder's decoder starts from: the model's own, else (a warm-started
+    ``EncoderDecoderModel`` has none) the tokenizer's [CLS], BOS or pad token."""
+    return _first_set(
+        getattr(model_config, "decoder_start_token_id", None),
+        getattr(generation_config, "decoder_start_token_id", None),
+        tokenizer.cls_token_id,
+        tokenizer.bos_token_id,
+        tokenizer.pad_token_id,
+    )
 
 
 def _preprocess_decoder_only(
@@ -447,9 +465,7 @@ def prepare_model_for_generation(model: Any, ctx: TaskContext) -> None:
     eos: int | list[int] | None
     if is_encoder_decoder(config):
         if getattr(config, "decoder_start_token_id", None) is None:
-            config.decoder_start_token_id = _first_set(
-                generation.decoder_start_token_id, tokenizer.cls_token_id, tokenizer.bos_token_id, pad
-            )
+            config.decoder_start_token_id = decoder_start_token_id(config, generation, tokenizer)
         if getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = pad
         eos = _first_set(

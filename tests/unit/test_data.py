@@ -107,6 +107,19 @@ def test_tokenization_is_cached(tmp_path: Path, tiny_bert_dir: Path) -> None:
     changed = TaskContext(SeqClsConfig(max_length=9), ctx.tokenizer, ctx.labels)
     third = tokenize_splits(load_raw_datasets(section, COLUMNS), task, changed)
     assert third["train"]._fingerprint != first["train"]._fingerprint
+    # the task's code and the model config are part of the key: a changed preprocess must not reuse the cache
+    from dataclasses import replace
+
+    def edited(batch: dict, ctx: TaskContext, train: bool) -> dict:  # another module's source
+        return task.preprocess(batch, ctx, train)
+
+    fourth = tokenize_splits(load_raw_datasets(section, COLUMNS), replace(task, preprocess=edited), ctx)
+    assert fourth["train"]._fingerprint != first["train"]._fingerprint
+    from transformers import BertConfig
+
+    configured = TaskContext(ctx.cfg, ctx.tokenizer, ctx.labels, model_config=BertConfig(hidden_size=64))
+    fifth = tokenize_splits(load_raw_datasets(section, COLUMNS), task, configured)
+    assert fifth["train"]._fingerprint != first["train"]._fingerprint
 
 
 def test_read_records_formats_and_errors(tmp_path: Path) -> None:

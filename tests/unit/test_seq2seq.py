@@ -76,6 +76,7 @@ def t5_config() -> Any:
         num_heads=4,
         eos_token_id=102,
         pad_token_id=0,
+        decoder_start_token_id=0,  # as in t5-small's config.json: decoding starts from the pad token
     )
 
 
@@ -311,6 +312,20 @@ def test_encoder_decoder_features(tokenizer: Any) -> None:
         preprocess({"source": ["the cat sat"], "target": ["x"]}, ctx, train=False)["input_ids"]
         == out["input_ids"]
     )
+
+
+def test_warm_started_labels_do_not_repeat_the_decoder_start_token(tokenizer: Any) -> None:
+    """BERT2BERT starts decoding from [CLS]; labels opening with [CLS] too taught it to emit [CLS] forever."""
+    from transformers import BertConfig, EncoderDecoderConfig
+
+    bert = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    warm = EncoderDecoderConfig.from_encoder_decoder_configs(bert, copy.deepcopy(bert))
+    assert warm.decoder_start_token_id is None  # the tokenizer's [CLS] is used, as at generation time
+    out = preprocess({"source": ["a"], "target": ["cat sat"]}, context(tokenizer, warm), train=True)
+    assert out["labels"] == [[*ids(tokenizer, "cat sat"), tokenizer.sep_token_id]]
+    # a start token the tokenizer does not put first (T5's pad here, BART's </s>) leaves the labels alone
+    out = preprocess({"source": ["a"], "target": ["cat sat"]}, context(tokenizer, t5_config()), train=True)
+    assert out["labels"][0][0] == tokenizer.cls_token_id
 
 
 def test_encoder_decoder_collator_pads_labels_with_ignore_index(tokenizer: Any) -> None:
