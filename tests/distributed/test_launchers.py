@@ -176,3 +176,12 @@ def merge_zero3(run_dir: Path, out: Path) -> dict[str, float]:
     with torch.no_grad():
         logits = model(**encoded).logits
     return {"loss": torch.nn.functional.cross_entropy(logits, torch.tensor(labels)).item()}
+
+
+def test_readme_documents_the_tested_command_lines() -> None:
+    """The launch commands in README.md are these tests' own (the one-node rendezvous form excepted: the
+    README shows it for two nodes)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    for name, command in COMMANDS.items():
+        if name not in ("single", "ddp_rendezvous"):
+            assert command in readme, f"README.md lacks the {name} command line: {command}"
