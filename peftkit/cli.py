@@ -109,8 +109,8 @@ def finetune(recipe: Path, overrides: tuple[str, ...], overwrite: bool, resume: 
     from peftkit.training import finetune as run_finetune
 
     result = run_finetune(loaded, overwrite=overwrite, resume=resume)
+    from peftkit.lifecycle import leave_process_group
     from peftkit.runs import is_main_process
-    from peftkit.training import leave_process_group
 
     leave_process_group()  # a distributed launch: all ranks end together, after rank 0 saved
     if is_main_process():
@@ -222,7 +222,7 @@ def _rebase_paths(text: str, old: Path, new: Path) -> str:
 def evaluate(run_dir: Path, split: str, errors: int | None, errors_output: Path | None) -> None:
     """Re-evaluate a run directory on a split of its recipe's data."""
     _quiet_libraries()
-    from peftkit.training import evaluate_run
+    from peftkit.evaluation import evaluate_run
 
     metrics = evaluate_run(run_dir, split)
     click.echo(f"{split}: {_format_metrics(metrics)}")

@@ -30,7 +30,7 @@ def worst_examples(
     """Predict ``split`` with the run, rank its examples worst first, write the first ``count`` as JSONL."""
     from peftkit import runs
     from peftkit.data import load_raw_datasets
-    from peftkit.training import check_split_labels
+    from peftkit.evaluation import check_split_labels
 
     if count < 1:
         raise PeftkitError(f"--errors {count}: give the number of worst examples to write (at least 1)")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit import runs
-from peftkit.errors import PeftkitError
+from peftkit.errors import ExportError
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +34,6 @@ MANIFEST = "peftkit_export.json"
 ONNX_TOLERANCE = 1e-3
 ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 INSTALL_HINT = "pip install 'peftkit[export]' (onnx, onnxscript and onnxruntime)"
-
-
-class ExportError(PeftkitError):
-    """An export cannot be done as asked, or its parity check failed (nothing is left at the output)."""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit import runs
-from peftkit.errors import PeftkitError, RunDirError
+from peftkit.errors import MergeError, MergeVerificationError, RunDirError
 from peftkit.modeling import drop_gguf_marker
 
 logger = logging.getLogger(__name__)
@@ -64,14 +64,6 @@ PIPELINE_TASKS = {
     "qa": None,  # transformers 5 has no question-answering pipeline
     "seq2seq": "text-generation",  # decoder-only; encoder-decoder models have no pipeline in transformers 5
 }
-
-
-class MergeError(PeftkitError):
-    """A merge cannot be done as asked (bad arguments, incompatible runs)."""
-
-
-class MergeVerificationError(PeftkitError):
-    """The merged model does not reproduce the adapter model; nothing was written to the output."""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,15 +6,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from peftkit.errors import PeftkitError
+from peftkit.errors import ModelLoadError
 from peftkit.recipe import ModelSection, QuantizationSection
 from peftkit.tasks.base import Task, TaskContext
 
 logger = logging.getLogger(__name__)
-
-
-class ModelLoadError(PeftkitError):
-    """The model or tokenizer named in [model] cannot be loaded."""
 
 
 def _common_kwargs(section: ModelSection) -> dict[str, Any]:
@@ -137,6 +133,23 @@ def load_model(
     if getattr(model.config, "pad_token_id", None) is None and pad_id is not None:
         model.config.pad_token_id = pad_id  # classification heads on decoder models find the last token by it
     return model
+
+
+def load_model_for_training(
+    section: ModelSection,
+    task: Task,
+    ctx: TaskContext,
+    quant: QuantizationSection | None,
+    gradient_checkpointing: bool,
+) -> Any:
+    """:func:`load_model`, ready for adapter training: a 4/8-bit base gets peft's k-bit preparation
+    (norms and heads in float32, input gradients on, gradient checkpointing as ``[train]`` asks)."""
+    model = load_model(section, task, ctx, quant)
+    if quant is None:
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 
 def warm_start_encoder_decoder(section: ModelSection, kwargs: dict[str, Any]) -> Any:

@@ -12,21 +12,19 @@ Importing this module is cheap (no torch); checks against transformers/peft impo
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
 import json
 import os
 import sys
 import types
 import typing
-from collections.abc import Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from peftkit.errors import PeftkitError
+from peftkit.errors import Problem, RecipeError, did_you_mean
 from peftkit.tasks import TASKS
 from peftkit.tasks.base import TaskConfig
 
@@ -37,41 +35,6 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 TABLES = ("model", "task", "data", "adapter", "quantization", "train", "export", "sweep")
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-# --------------------------------------------------------------------------------------------------
-# Errors
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a recipe: where (``table.key``), what, and how to fix it."""
-
-    key: str
-    problem: str
-    fix: str = ""
-
-    def render(self, source: str) -> str:
-        fix = f" Fix: {self.fix}" if self.fix else ""
-        return f"{source}: {self.key}: {self.problem}.{fix}"
-
-
-class RecipeError(PeftkitError):
-    """Every problem of a recipe at once."""
-
-    def __init__(self, source: str, problems: Sequence[Problem]):
-        self.source = source
-        self.problems = list(problems)
-        count = f"{len(self.problems)} problem" + ("s" if len(self.problems) != 1 else "")
-        lines = [f"{source}: the recipe has {count}:"]
-        lines += ["  " + p.render(source) for p in self.problems]
-        super().__init__("\n".join(lines))
-
-
-def did_you_mean(word: str, candidates: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` for a close match, else an empty string."""
-    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f"did you mean '{match[0]}'?" if match else ""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,14 +19,18 @@ import socket
 import struct
 import subprocess
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peftkit.errors import RunDirError
+
+if TYPE_CHECKING:
+    from peftkit.recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +175,61 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+# --- run records ---
+
+
+def run_meta(recipe: Recipe, status: str) -> dict[str, Any]:
+    """peftkit_run.json of a run that starts: the resolved recipe, versions, git commit, seed, process."""
+    return {
+        "name": recipe.name,
+        "status": status,
+        "recipe_source": str(Path(recipe.source).resolve()) if recipe.source != "<dict>" else recipe.source,
+        "recipe": recipe.to_dict(),
+        "seed": recipe.train["seed"],
+        "versions": package_versions(),
+        "git_commit": git_commit(Path(__file__).parent),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **process_fields(),
+    }
+
+
+def write_started_run(run_dir: Path, recipe: Recipe) -> None:
+    write_json_atomic(run_dir / RUN_META, run_meta(recipe, status="running"))
+
+
+def labels_record(task_name: str, labels: Any) -> dict[str, Any]:
+    """labels.json: the label names in id order (None for tasks without labels) and the task."""
+    return {"labels": list(labels) if labels is not None else None, "task": task_name}
+
+
+def write_labels(run_dir: Path, task_name: str, labels: Any) -> None:
+    write_json_atomic(run_dir / LABELS, labels_record(task_name, labels))
+
+
+def write_predictions(run_dir: Path, split: str, predictions: list[Any], references: list[Any]) -> None:
+    """predictions_<split>.jsonl: one record per example, with its reference when the split has them."""
+    records = [
+        {"prediction": p, **({"reference": references[i]} if references else {})}
+        for i, p in enumerate(predictions)
+    ]
+    write_jsonl_atomic(run_dir / f"predictions_{split}.jsonl", records)
+
+
+def write_completed_run(
+    run_dir: Path,
+    task_name: str,
+    labels: Any,
+    metrics: dict[str, Any],
+    log_history: Any,
+    data: dict[str, Any],
+) -> None:
+    """labels.json, metrics.json and log_history.json, then status ``completed`` (written last)."""
+    write_labels(run_dir, task_name, labels)
+    write_json_atomic(run_dir / METRICS, metrics)
+    write_json_atomic(run_dir / "log_history.json", log_history)
+    update_meta(run_dir, status="completed", data=data, labels=list(labels or []), error=None)
 
 
 def git_commit(folder: Path) -> str | None:

@@ -80,7 +80,7 @@ def measure_step(arm: str, recipe: object, task: object, args: argparse.Namespac
     from peftkit.adapters import apply_adapter
     from peftkit.modeling import load_model, load_model_config, load_tokenizer
     from peftkit.tasks.base import TaskContext
-    from peftkit.training import with_shuffled_length_groups
+    from peftkit.trainer import with_shuffled_length_groups
 
     tokenizer = load_tokenizer(recipe.model)
     config = load_model_config(recipe.model)

@@ -82,8 +82,8 @@ def single_run(tiny_bert_without_dropout: Path, tmp_path_factory: pytest.TempPat
 def reload_predictions(run_dir: Path) -> tuple[list[Any], dict[str, float]]:
     """Labels predicted by the saved run in this (single) process, and its test metrics re-evaluated."""
     from peftkit.data import load_raw_datasets
+    from peftkit.evaluation import evaluate_run
     from peftkit.runs import load_run
-    from peftkit.training import evaluate_run
 
     loaded = load_run(run_dir)
     test = load_raw_datasets(loaded.recipe.data, loaded.task.columns)["test"]

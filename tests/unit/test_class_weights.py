@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from peftkit.recipe import RecipeError, recipe_from_dict
-from peftkit.training import balanced_class_weights, class_weights_for, weighted_cross_entropy
+from peftkit.trainer import balanced_class_weights, class_weights_for, weighted_cross_entropy
 
 
 def recipe_data(tmp_path: Path, **task: Any) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def test_trainer_loss_uses_the_class_weights(tmp_path: Path) -> None:
     import torch
     from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
-    from peftkit.training import with_shuffled_length_groups
+    from peftkit.trainer import with_shuffled_length_groups
 
     torch.manual_seed(0)
     config = BertConfig(

@@ -21,7 +21,8 @@ import pytest
 
 from peftkit import runs
 from peftkit.errors import RunDirError
-from peftkit.training import StopRequest, save_and_stop_callback, stop_requests
+from peftkit.lifecycle import StopRequest, stop_requests
+from peftkit.trainer import save_and_stop_callback
 
 
 def write_adapter(folder: Path) -> None:
@@ -287,8 +288,8 @@ def test_overwrite_refuses_a_run_a_live_process_is_training(tmp_path: Path) -> N
 
 
 def test_resume_refuses_checkpoints_without_optimizer_state(tmp_path: Path) -> None:
+    from peftkit.lifecycle import resume_checkpoint
     from peftkit.recipe import recipe_from_dict
-    from peftkit.training import resume_checkpoint
 
     (tmp_path / "model").mkdir()
     (tmp_path / "train.csv").write_text("text,label\na,x\nb,y\n")

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from peftkit.training import time_budget_callback
+from peftkit.trainer import time_budget_callback
 
 
 def _step(callback: Any, args: Any, step: int) -> Any:
@@ -24,10 +24,10 @@ def _started_budget(
     """The callback after on_train_begin, its TrainingArguments, and a clock the test moves by hand."""
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    import peftkit.training as training
+    import peftkit.trainer as trainer_module
 
     clock = [1000.0]
-    monkeypatch.setattr(training.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(trainer_module.time, "monotonic", lambda: clock[0])
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, **strategies)
     callback = time_budget_callback(minutes)
     callback.on_train_begin(args, TrainerState(), TrainerControl())

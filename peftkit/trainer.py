@@ -1,0 +1,315 @@
+"""The Trainer of a run: TrainingArguments from ``[train]``, callbacks, the Trainer class, class weights.
+
+:func:`training_arguments` maps ``[train]`` onto the task's TrainingArguments class; :func:`build_trainer`
+adds peftkit's callbacks (early stopping, the ``max_train_minutes`` time budget, save-and-stop on a
+signal) to the task's Trainer class, extended with shuffled length-grouped batches, evaluation in dataset
+order and the weighted loss of ``[task] class_weights``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from peftkit import runs
+from peftkit.recipe import TRAIN_OWN_KEYS, Recipe
+from peftkit.tasks.base import Task, TaskContext
+
+if TYPE_CHECKING:
+    from peftkit.lifecycle import StopRequest
+
+logger = logging.getLogger(__name__)
+
+
+def training_arguments(recipe: Recipe, task: Task, run_dir: Path) -> Any:
+    """[train] (defaults applied) → the task's TrainingArguments class."""
+    import torch
+    from transformers import TrainingArguments
+
+    args_cls = task.training_args_class() if task.training_args_class else TrainingArguments
+    kwargs = {k: v for k, v in recipe.train.items() if k not in TRAIN_OWN_KEYS}
+    metric, greater = task.best_metric(recipe.task)
+    kwargs.setdefault("metric_for_best_model", metric)
+    kwargs.setdefault("greater_is_better", greater)
+    if recipe.train.get("deepspeed"):
+        kwargs["deepspeed"] = recipe.train["deepspeed"]
+    if not torch.cuda.is_available():
+        # without it, each process of a multi-process CPU launch trains on the full data and writes the run
+        kwargs.setdefault("use_cpu", True)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # with True, 2 processes doubled the loss (and gradient) of BERT classification (measured, 5.x)
+        kwargs.setdefault("average_tokens_across_devices", False)
+    if kwargs.get("gradient_checkpointing") and not kwargs.get("gradient_checkpointing_kwargs"):
+        # non-reentrant: works with frozen embeddings (LoRA), DDP and DeepSpeed; said explicitly rather than
+        # relying on the default of the installed transformers
+        kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    return args_cls(output_dir=str(run_dir), **kwargs)
+
+
+def build_trainer(
+    recipe: Recipe,
+    task: Task,
+    ctx: TaskContext,
+    model: Any,
+    raw: Any,
+    features: dict[str, Any],
+    args: Any,
+    stop: StopRequest | None = None,
+    extra_callbacks: Sequence[Any] = (),
+) -> Any:
+    """The task's Trainer over ``args`` (from :func:`training_arguments`, built once at the start of
+    ``finetune``: building them starts the process group of a distributed launch)."""
+    from transformers import EarlyStoppingCallback, Trainer
+
+    trainer_cls = with_shuffled_length_groups(task.trainer_class() if task.trainer_class else Trainer)
+    callbacks = []
+    if recipe.train.get("early_stopping_patience"):
+        callbacks.append(
+            EarlyStoppingCallback(
+                early_stopping_patience=recipe.train["early_stopping_patience"],
+                early_stopping_threshold=recipe.train.get("early_stopping_threshold", 0.0),
+            )
+        )
+    if recipe.train.get("max_train_minutes"):
+        callbacks.append(time_budget_callback(recipe.train["max_train_minutes"]))
+    if stop is not None:
+        callbacks.append(save_and_stop_callback(stop))
+    callbacks.extend(extra_callbacks)
+    validation = "validation" in features and args.eval_strategy != "no"
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=features["train"],
+        eval_dataset=features["validation"] if validation else None,
+        processing_class=ctx.tokenizer,
+        data_collator=task.collator(ctx, model),
+        compute_metrics=metrics_function(task, ctx, raw["validation"], features["validation"])
+        if validation
+        else None,
+        callbacks=callbacks,
+    )
+    weights = class_weights_for(ctx, features["train"])
+    if weights is not None:
+        import torch
+
+        trainer.class_weights = torch.tensor(weights, dtype=torch.float32)
+        logger.info("class weights in the loss: %s", dict(zip(ctx.labels or (), weights, strict=True)))
+    return trainer
+
+
+def time_budget_callback(minutes: float) -> Any:
+    """A TrainerCallback that ends training after the first step finishing past ``minutes`` of training.
+
+    That last step is evaluated (when the run evaluates at all) and saved, so the run ends like a finished
+    one: its final model is scored and the best checkpoint is chosen among all evaluations.
+    """
+    from transformers import TrainerCallback
+
+    class TimeBudget(TrainerCallback):
+        started: float | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            self.started = time.monotonic()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if self.started is None or time.monotonic() - self.started < minutes * 60:
+                return control
+            if state.global_step < state.max_steps:
+                logger.warning(
+                    "time budget of %s minutes (train.max_train_minutes) reached at step %d of %d: "
+                    "evaluating, saving and stopping",
+                    f"{minutes:g}",
+                    state.global_step,
+                    state.max_steps,
+                )
+            control.should_training_stop = True
+            control.should_evaluate = args.eval_strategy != "no"
+            control.should_save = args.save_strategy != "no"
+            return control
+
+    return TimeBudget()
+
+
+def save_and_stop_callback(request: StopRequest) -> Any:
+    """A TrainerCallback that ends training with a checkpoint once ``request`` holds a signal."""
+    from transformers import TrainerCallback
+
+    class SaveAndStopOnSignal(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if request.signum is not None:
+                control.should_training_stop = True
+            return control
+
+        def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            # The Trainer runs its end-of-epoch logging, evaluation and saving even when training stops
+            # mid-epoch; save there (whatever save_strategy says), but evaluate and log only at a real epoch
+            # end, so that the checkpoint, its RNG states and the log history match an uninterrupted run's.
+            if request.signum is None:
+                return control
+            control.should_save = True
+            if not float(state.epoch or 0).is_integer():
+                control.should_evaluate = False
+                control.should_log = False
+            return control
+
+    return SaveAndStopOnSignal()
+
+
+def class_weights_for(ctx: TaskContext, train_features: Any) -> list[float] | None:
+    """The loss weight of each label id from ``[task] class_weights`` (seq_cls, token_cls), or None.
+
+    ``"balanced"`` gives class c the weight n / (k * n_c), counted over the training split's labelled
+    targets (examples for seq_cls, labelled tokens for token_cls; positions ignored by the loss do not
+    count). A class absent from the training split gets weight 1: it is never a training target.
+    """
+    from peftkit.errors import DataError
+
+    setting = getattr(ctx.cfg, "class_weights", None)
+    if setting is None or ctx.labels is None:
+        return None
+    classes = len(ctx.labels)
+    if setting != "balanced":
+        weights = [float(w) for w in setting]
+        if len(weights) != classes:
+            raise DataError(
+                f"task.class_weights has {len(weights)} weights but the data has {classes} labels "
+                f"{list(ctx.labels)}; give one weight per label, in this order"
+            )
+        return weights
+    return balanced_class_weights(train_features["labels"], classes)
+
+
+def balanced_class_weights(labels: Sequence[Any], classes: int) -> list[float]:
+    """n / (classes * n_c) for label ids (nested lists for token labels; negative ids are ignored)."""
+    counts = [0] * classes
+    for item in labels:
+        for label in item if isinstance(item, (list, tuple)) else (item,):
+            if 0 <= int(label) < classes:
+                counts[int(label)] += 1
+    total = sum(counts)
+    return [total / (classes * count) if count else 1.0 for count in counts]
+
+
+def weighted_cross_entropy(logits: Any, labels: Any, weights: Any) -> Any:
+    """Cross-entropy with a weight per class: sum_i w[y_i] * loss_i / sum_i w[y_i] (label -100 skipped)."""
+    import torch
+
+    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+    return torch.nn.functional.cross_entropy(
+        flat_logits, labels.reshape(-1), weight=weights.to(flat_logits.device), ignore_index=-100
+    )
+
+
+def with_shuffled_length_groups(trainer_cls: Any) -> Any:
+    """The Trainer class with shuffled length-grouped training batches and evaluation in dataset order.
+
+    Evaluation also leaves the random state alone, so that resumed runs replay uninterrupted ones.
+    """
+    import torch
+
+    from peftkit.batching import ShuffledLengthGroupedSampler
+
+    class PeftkitTrainer(trainer_cls):
+        class_weights: Any = None  # a float tensor, one weight per label id ([task] class_weights)
+
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            if self.class_weights is None or "labels" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            # a per-batch weighted mean (not normalised across gradient-accumulation steps)
+            loss = weighted_cross_entropy(outputs.logits, labels, self.class_weights)
+            return (loss, outputs) if return_outputs else loss
+
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            # The Trainer drops unused columns (our "length" too) before asking for a sampler: read the
+            # lengths from the full training set, whose rows are the same in the same order.
+            column = self.args.length_column_name
+            lengths = getattr(self.train_dataset, "column_names", ())
+            if self.args.train_sampling_strategy != "group_by_length" or column not in lengths:
+                return super()._get_train_sampler(train_dataset)
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            # seeded per epoch (set_epoch), so that a resumed run sees the same batches (batching.py)
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return ShuffledLengthGroupedSampler(self.train_dataset[column], batch, seed=seed)
+
+        def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+            # Evaluation draws from the global RNG (each DataLoader iterator takes a seed from it). A
+            # checkpoint saved just before an evaluation holds the RNG state from before it, so a run
+            # resumed there would continue with other dropout masks than the uninterrupted run: keep
+            # evaluation out of the random stream training continues from.
+            with preserved_rng_state():
+                return super().evaluate(*args, **kwargs)
+
+        def _get_eval_sampler(self, eval_dataset: Any) -> Any:
+            # transformers 5 also length-groups *evaluation* under group_by_length, which returns
+            # predictions in a permuted order: per-example outputs (saved predictions, QA feature → example
+            # maps) would silently pair with the wrong example. Evaluation keeps the dataset's order.
+            if eval_dataset is None or self.args.world_size > 1:
+                return super()._get_eval_sampler(eval_dataset)
+            return torch.utils.data.SequentialSampler(eval_dataset)
+
+    PeftkitTrainer.__name__ = PeftkitTrainer.__qualname__ = f"Peftkit{trainer_cls.__name__}"
+    return PeftkitTrainer
+
+
+@contextlib.contextmanager
+def preserved_rng_state() -> Iterator[None]:
+    """Python's, numpy's and torch's (CPU and CUDA) random states are the same after the block as before."""
+    import random
+
+    import numpy as np
+    import torch
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def metrics_function(task: Task, ctx: TaskContext, examples: Any, features: Any) -> Any:
+    """The Trainer's compute_metrics for one split: postprocess, then the task's metrics."""
+
+    def compute(eval_prediction: Any) -> dict[str, float]:
+        predictions, references = task.postprocess(examples, features, eval_prediction, ctx)
+        return task.compute_metrics(predictions, references, ctx)
+
+    return compute
+
+
+def save_trained_model(trainer: Any, run_dir: Path, best_metric: str, main: bool) -> None:
+    """Adapter, tokenizer, config with labels and plots, staged then published into the run directory.
+
+    Files written by transformers, peft and matplotlib go to a staging folder first and are then renamed
+    into place one by one, so every file appears whole. In a distributed run every rank calls this: the
+    others only join save_model's gather (under ZeRO-3 it gathers the adapter's shards) and write nothing.
+    """
+    from peftkit.plots import plot_curves
+
+    if not main:
+        trainer.save_model(str(run_dir / runs.STAGING))  # the Trainer writes only from the main process
+        return
+    with runs.staging_dir(run_dir) as stage:
+        trainer.save_model(str(stage))  # adapter_config.json + adapter_model.safetensors + tokenizer
+        # the Trainer also pickles its arguments there; the resolved recipe in peftkit_run.json replaces it
+        (stage / "training_args.bin").unlink(missing_ok=True)
+        base_config = trainer.model.get_base_model().config
+        base_config.save_pretrained(str(stage))  # id2label/label2id travel with the adapter
+        plot_curves(trainer.state.log_history, stage / "plots", best_metric)
+        runs.publish(stage, run_dir)
