@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from peftkit.recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
+from peftkit.recipe.toml_writer import to_toml
 
 FUZZ = settings(
     max_examples=150,
@@ -164,36 +164,6 @@ def mutate(recipe: dict[str, Any], data: st.DataObject) -> tuple[dict[str, Any],
             path = (table,)
         done.append(f"{edit} {path}")
     return recipe, done
-
-
-def to_toml(recipe: dict[str, Any]) -> str:
-    """A small TOML writer (tables of inline values); None has no TOML form and is left out."""
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int):
-            return str(v)
-        if isinstance(v, float):
-            return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v if x is not None) + "]"
-        return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items() if x is not None) + "}"
-
-    top = [
-        f"{json.dumps(k)} = {value(v)}"
-        for k, v in recipe.items()
-        if not isinstance(v, dict) and v is not None
-    ]
-    tables = [
-        f"[{json.dumps(k)}]\n"
-        + "".join(f"{json.dumps(key)} = {value(x)}\n" for key, x in v.items() if x is not None)
-        for k, v in recipe.items()
-        if isinstance(v, dict)
-    ]
-    return "\n".join(top) + "\n" + "\n".join(tables)
 
 
 def outcome(call: Callable[[], Recipe], source: str) -> str:

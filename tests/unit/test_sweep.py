@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from peftkit.recipe import RecipeError, recipe_from_dict
-from peftkit.sweep import flatten_space, parse_sweep_table, to_toml, toml_value
+from peftkit.recipe.sweep_table import flatten_space, parse_sweep_table
+from peftkit.recipe.toml_writer import to_toml, toml_value
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from peftkit.errors import Problem, RecipeError, did_you_mean
+from peftkit.recipe.sweep_table import check_sweep_table, parse_sweep_table
 from peftkit.tasks import TASKS
 from peftkit.tasks.base import TaskConfig
 
@@ -34,7 +35,8 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 TABLES = ("model", "task", "data", "adapter", "quantization", "train", "export", "sweep")
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # peftkit/
+REPO_ROOT = PACKAGE_DIR.parent
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,7 +216,7 @@ class Recipe(BaseModel):
     quantization: QuantizationSection | None
     train: dict[str, Any]  # TrainingArguments keys (defaults applied) + TRAIN_OWN_KEYS
     export: ExportSection
-    # [sweep] as written (validated by peftkit.sweep); only `peftkit sweep` uses it, `finetune` ignores it
+    # [sweep] as written (validated by sweep_table); only `peftkit sweep` uses it, `finetune` ignores it
     sweep: dict[str, Any] | None = None
 
     @property
@@ -313,11 +315,15 @@ def recipe_from_dict(
     _check_combinations(model, task, adapter, quant, train, problems)
     sweep = data.get("sweep")
     if sweep is not None:
-        from peftkit.sweep import check_sweep_table, parse_sweep_table
-
         tables = {table: value for table, value in data.items() if table != "sweep"}
+
+        def validate(override: str) -> None:
+            recipe_from_dict(
+                tables, source=source, base_dir=base, name=name, overrides=[override], check_files=check_files
+            )
+
         problems.extend(
-            check_sweep_table(sweep, tables, source=source, base_dir=base, name=name, check_files=check_files)
+            check_sweep_table(sweep, validate)
             if not problems  # each searched value is validated against the base recipe once it is valid
             else parse_sweep_table(sweep)[1]
         )
@@ -554,7 +560,7 @@ def _check_own_train_key(key: str, value: Any) -> str:
 
 def ds_configs_dir() -> Path:
     """Shipped DeepSpeed configs: the repository's ds_configs/ (editable installs), else the package copy."""
-    for candidate in (REPO_ROOT / "ds_configs", Path(__file__).parent / "ds_configs"):
+    for candidate in (REPO_ROOT / "ds_configs", PACKAGE_DIR / "ds_configs"):
         if candidate.is_dir() and any(candidate.glob("*.json")):
             return candidate
     return REPO_ROOT / "ds_configs"
@@ -1017,7 +1023,7 @@ def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 def recipes_dir() -> Path:
     """Shipped recipes: the repository's recipes/ folder (editable installs), else the package copy."""
-    for candidate in (REPO_ROOT / "recipes", Path(__file__).parent / "recipes"):
+    for candidate in (REPO_ROOT / "recipes", PACKAGE_DIR / "recipes"):
         if candidate.is_dir():
             return candidate
     return REPO_ROOT / "recipes"
