@@ -1,17 +1,73 @@
-"""``[adapter]`` → a peft config, with target modules inferred and task heads trained and saved."""
+"""Adapter methods: :data:`METHODS`, what peftkit knows about each; ``[adapter]`` → a peft config.
+
+:data:`METHODS` is the one place that says what a method can do (its peft config class, the tasks it
+takes, whether it merges or trains on a quantized base, its display name); the recipe layer, merge,
+export and plan read it. Adding a method is a row here (and its tests). This module imports nothing of
+peftkit at import time but the task types, so that the recipe layer can read the table.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from peftkit.recipe import ADAPTER_METHODS
-from peftkit.tasks.base import Task
+if TYPE_CHECKING:
+    from peftkit.tasks.base import Task
 
 logger = logging.getLogger(__name__)
 
-# Methods that wrap existing linear layers (they take target_modules and modules_to_save).
-LAYER_METHODS = {"lora", "adalora", "ia3", "loha", "lokr"}
+
+@dataclass(frozen=True)
+class AdapterMethod:
+    """One ``[adapter] method``: its peft names and what peftkit lets it do."""
+
+    name: str  # the recipe's spelling: [adapter] method = "lora"
+    peft_config: str  # the peft config class the other [adapter] keys are forwarded to
+    peft_type: str  # adapter_config.json's peft_type
+    display_name: str  # for model cards and summaries
+    # None: every task. Prompt-learning methods prepend virtual tokens: peft supports them for
+    # sequence-level heads and generation, not where every input position has its own label or span.
+    tasks: frozenset[str] | None = None
+    wraps_layers: bool = True  # wraps existing linears: takes target_modules and modules_to_save
+    low_rank: bool = False  # LoRA-style A·B matrices: alpha/dropout/rank aliases; plan models them
+    mergeable: bool = True  # has weight deltas to merge (prompt learning adds virtual tokens instead)
+    quantized_base: bool = True  # trains on a 4/8-bit base ([quantization])
+
+
+PROMPT_TASKS = frozenset({"seq_cls", "seq2seq"})
+METHODS: dict[str, AdapterMethod] = {
+    method.name: method
+    for method in (
+        AdapterMethod("lora", "LoraConfig", "LORA", "LoRA", low_rank=True),
+        AdapterMethod("adalora", "AdaLoraConfig", "ADALORA", "AdaLoRA", low_rank=True),
+        AdapterMethod("ia3", "IA3Config", "IA3", "IA³"),
+        AdapterMethod("loha", "LoHaConfig", "LOHA", "LoHa"),
+        AdapterMethod("lokr", "LoKrConfig", "LOKR", "LoKr"),
+        *(
+            AdapterMethod(
+                name,
+                config,
+                peft_type,
+                display,
+                tasks=PROMPT_TASKS,
+                wraps_layers=False,
+                mergeable=False,
+                quantized_base=False,
+            )
+            for name, config, peft_type, display in (
+                ("prefix_tuning", "PrefixTuningConfig", "PREFIX_TUNING", "prefix tuning"),
+                ("prompt_tuning", "PromptTuningConfig", "PROMPT_TUNING", "prompt tuning"),
+                ("p_tuning", "PromptEncoderConfig", "P_TUNING", "P-tuning"),
+            )
+        ),
+    )
+}
+
+
+def method_for_peft_type(peft_type: str) -> AdapterMethod | None:
+    """The method that saves adapters of this peft_type (None for one peftkit does not train)."""
+    return next((m for m in METHODS.values() if m.peft_type == peft_type), None)
 
 
 def present_heads(model: Any, candidates: tuple[str, ...]) -> list[str]:
@@ -43,9 +99,9 @@ def build_peft_config(options: dict[str, Any], task: Task, model: Any, model_con
 
     options = dict(options)
     method = options.pop("method", "lora")
-    cls = getattr(peft, ADAPTER_METHODS[method])
+    cls = getattr(peft, METHODS[method].peft_config)
     options["task_type"] = task.peft_task_type(model_config)
-    if method in LAYER_METHODS:
+    if METHODS[method].wraps_layers:
         if options.get("target_modules") is None:
             options["target_modules"] = default_target_modules(method, model_config)
         heads = present_heads(model, task.head_modules)

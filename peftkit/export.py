@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit import runs
+from peftkit.adapters import METHODS
 from peftkit.errors import ExportError
 
 logger = logging.getLogger(__name__)
@@ -128,9 +129,7 @@ def model_card(
 
 def _method_name(recipe_adapter: Mapping[str, Any], adapter: Mapping[str, Any]) -> str:
     kind = str(recipe_adapter.get("method") or adapter.get("peft_type") or "adapter").lower()
-    label = {"lora": "LoRA", "adalora": "AdaLoRA", "ia3": "IA³", "loha": "LoHa", "lokr": "LoKr"}.get(
-        kind, kind
-    )
+    label = METHODS[kind].display_name if kind in METHODS else kind
     if adapter.get("use_dora"):
         label = "DoRA"
     details = []

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit import runs
+from peftkit.adapters import METHODS
 from peftkit.errors import MergeError, MergeVerificationError, RunDirError
 from peftkit.modeling import drop_gguf_marker
 
@@ -599,8 +600,12 @@ def write_merged(
     return report
 
 
-# peft methods that add virtual tokens instead of changing weights: there is nothing to merge
-PROMPT_LEARNING = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"}
+# peft methods that add virtual tokens instead of changing weights: there is nothing to merge (peftkit's own
+# from adapters.METHODS, and two more peft methods peftkit does not train)
+PROMPT_LEARNING = {m.peft_type for m in METHODS.values() if not m.mergeable} | {
+    "MULTITASK_PROMPT_TUNING",
+    "CPT",
+}
 
 
 def check_mergeable(adapter_folder: Path) -> None:

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from peftkit.adapters import METHODS
 from peftkit.recipe import Recipe
 from peftkit.tasks import TASKS
 from peftkit.tasks.base import TaskContext
@@ -268,7 +269,7 @@ def activation_bytes(
     )
     vocab = int(getattr(model_config, "vocab_size", 0) or 0)
     method = str(adapter.get("method", "lora"))
-    if full_finetuning or method not in ("lora", "adalora"):
+    if full_finetuning or not (method in METHODS and METHODS[method].low_rank):
         adapted = ()
     elif adapted is None:
         adapted = ("qkv", "qkv", "qkv", "o", "up", "down")

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from peftkit.adapters import METHODS
 from peftkit.errors import Problem, RecipeError, did_you_mean
 from peftkit.recipe.sweep_table import check_sweep_table, parse_sweep_table
 from peftkit.tasks import TASKS
@@ -116,23 +117,8 @@ class ExportSection(_Section):
     formats: tuple[Literal["safetensors", "onnx"], ...] = ("safetensors",)
 
 
-# [adapter]: method → peft config class. Keys besides `method` are forwarded to that class.
-ADAPTER_METHODS: dict[str, str] = {
-    "lora": "LoraConfig",
-    "adalora": "AdaLoraConfig",
-    "ia3": "IA3Config",
-    "loha": "LoHaConfig",
-    "lokr": "LoKrConfig",
-    "prefix_tuning": "PrefixTuningConfig",
-    "prompt_tuning": "PromptTuningConfig",
-    "p_tuning": "PromptEncoderConfig",
-}
-# Prompt-learning methods prepend virtual tokens: peft supports them for sequence-level heads and generation,
-# not where every input position has its own label or span (token classification, extractive QA).
-PROMPT_TASKS = frozenset({"seq_cls", "seq2seq"})
-METHOD_TASKS: dict[str, frozenset[str]] = {
-    m: PROMPT_TASKS for m in ("prefix_tuning", "prompt_tuning", "p_tuning")
-}
+# [adapter]: method → peft config class (adapters.METHODS). Keys besides `method` are forwarded to that class.
+ADAPTER_METHODS: dict[str, str] = {name: method.peft_config for name, method in METHODS.items()}
 # Friendlier spellings accepted in [adapter]; the peft name is what is stored.
 ADAPTER_ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "rank": "r"}
 # peft fields peftkit sets itself from [task] and [model]
@@ -450,7 +436,7 @@ def _adapter_section(raw: dict[str, Any], problems: list[Problem]) -> dict[str, 
     fields = _peft_fields(method)
     ok = True
     for key, value in raw.items():
-        target = ADAPTER_ALIASES.get(key, key) if method in ("lora", "adalora") else key
+        target = ADAPTER_ALIASES.get(key, key) if METHODS[method].low_rank else key
         if key in ADAPTER_RESERVED:
             problems.append(
                 Problem(f"adapter.{key}", "peftkit sets this key", f"remove it: {ADAPTER_RESERVED[key]}")
@@ -751,7 +737,7 @@ def _check_combinations(
             )
     if adapter is not None and task is not None:
         method, task_type = adapter.get("method", "lora"), str(getattr(task, "type", ""))
-        supported = METHOD_TASKS.get(method)
+        supported = METHODS[method].tasks if method in METHODS else None
         if supported is not None and task_type not in supported:
             problems.append(
                 Problem(
@@ -813,11 +799,7 @@ def _check_combinations(
         problems.append(
             Problem("quantization", "cannot be combined with model.gguf_file", "remove one of them")
         )
-    if (
-        quant is not None
-        and adapter is not None
-        and adapter.get("method") not in ("lora", "adalora", "ia3", "loha", "lokr")
-    ):
+    if quant is not None and adapter is not None and not METHODS[adapter["method"]].quantized_base:
         problems.append(
             Problem(
                 "quantization", f"not supported with method {adapter.get('method')!r}", "use method = 'lora'"
