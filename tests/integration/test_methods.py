@@ -12,9 +12,9 @@ from peftkit.runs import load_run
 from peftkit.training import finetune
 
 METHODS: dict[str, dict] = {
-    "lora": {"r": 4},
+    "lora": {"r": 4, "alpha": 8},
     "dora": {"method": "lora", "r": 4, "use_dora": True},
-    "rslora": {"method": "lora", "r": 4, "use_rslora": True},
+    "rslora": {"method": "lora", "r": 4, "alpha": 8, "use_rslora": True},
     "adalora": {"method": "adalora", "init_r": 6, "target_r": 2, "total_step": 6},
     "ia3": {"method": "ia3"},
     "loha": {"method": "loha", "r": 4},
@@ -62,7 +62,36 @@ def test_method_trains_saves_and_reloads(tmp_path: Path, tiny_bert_dir: Path, na
         json.loads(line)["prediction"] for line in (result.run_dir / "predictions_validation.jsonl").open()
     ]
     loaded = load_run(result.run_dir)
+    if config["peft_type"] == "LORA":
+        check_lora_variant(name, config, result.run_dir, loaded.model)
     records = [
         {"text": line.split(",")[0]} for line in (tmp_path / "validation.csv").read_text().splitlines()[1:]
     ]
     assert [p["prediction"] for p in loaded.task.predict(loaded.model, loaded.ctx, records)] == saved
+
+
+def check_lora_variant(name: str, config: dict, run_dir: Path, model: object) -> None:
+    """DoRA saves a magnitude vector per adapted layer; rsLoRA scales by alpha/sqrt(r) instead of alpha/r.
+
+    Both are LoRA to peft (peft_type "LORA"), so only these show that the variant really trained.
+    """
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "adapter_model.safetensors"), framework="pt") as weights:
+        keys = list(weights.keys())
+    magnitudes = [key for key in keys if "lora_magnitude_vector" in key]
+    assert config["use_dora"] is (name == "dora")
+    assert config["use_rslora"] is (name == "rslora")
+    # DoRA: one magnitude vector per adapted linear (each has one lora_A); none otherwise
+    assert len(magnitudes) == (len([key for key in keys if "lora_A" in key]) if name == "dora" else 0)
+    assert magnitudes or name != "dora"
+    scalings = [
+        module.scaling["default"]
+        for module in model.modules()  # type: ignore[attr-defined]
+        if isinstance(getattr(module, "scaling", None), dict) and "default" in module.scaling
+    ]
+    r, alpha = config["r"], config["lora_alpha"]
+    expected = alpha / math.sqrt(r) if name == "rslora" else alpha / r
+    assert scalings and all(scaling == pytest.approx(expected) for scaling in scalings), scalings
