@@ -328,13 +328,10 @@ def compare(run_dirs: tuple[Path, ...], split: str | None, output: Path | None, 
 def predict(run_dir: Path, input_path: Path, output_path: Path) -> None:
     """Predict records with a trained run (needs only the run directory)."""
     _quiet_libraries()
-    from peftkit.data import read_records, rename_records
-    from peftkit.runs import load_run, write_jsonl_atomic
+    from peftkit.api import predict as predict_records
+    from peftkit.runs import write_jsonl_atomic
 
-    records = read_records(input_path)
-    loaded = load_run(run_dir)
-    records = rename_records(records, loaded.recipe.data.columns)
-    results = loaded.task.predict(loaded.model, loaded.ctx, records)
+    results = predict_records(run_dir, input_path)
     write_jsonl_atomic(output_path, results)
     click.echo(f"wrote {len(results)} predictions to {output_path}")
 
