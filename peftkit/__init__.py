@@ -6,6 +6,8 @@ The public API (``__all__``; see docs/python-api.md) is imported lazily, from :m
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -23,3 +25,17 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *API})
+
+
+class _Package(types.ModuleType):
+    """Three API functions share their names with modules (``merge``, ``export``, ``plan``). Importing a
+    module binds it as an attribute of its package, which would hide the function from then on; the
+    modules stay reachable as ``from peftkit.merge import ...`` (through ``sys.modules``)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in API and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
