@@ -402,14 +402,7 @@ def _task_section(raw: Any, problems: list[Problem]) -> TaskConfig | None:
         problems.append(Problem("task.type", "required key is missing", f"set type = one of {names}"))
         return None
     if not isinstance(task_type, str) or task_type not in TASKS:
-        hint = did_you_mean(str(task_type), names)
-        problems.append(
-            Problem(
-                "task.type",
-                f"unknown task {task_type!r}",
-                f"{hint + ' ' if hint else ''}choose one of {', '.join(names)}",
-            )
-        )
+        problems.append(_unknown_choice("task.type", "task", task_type, names))
         return None
     cls = TASKS[task_type].config_class
     try:
@@ -419,18 +412,18 @@ def _task_section(raw: Any, problems: list[Problem]) -> TaskConfig | None:
         return None
 
 
+def _unknown_choice(key: str, what: str, value: Any, choices: list[str]) -> Problem:
+    hint = did_you_mean(str(value), choices)
+    return Problem(
+        key, f"unknown {what} {value!r}", f"{hint + ' ' if hint else ''}choose one of {', '.join(choices)}"
+    )
+
+
 def _adapter_section(raw: dict[str, Any], problems: list[Problem]) -> dict[str, Any] | None:
     raw = dict(raw)
     method = raw.pop("method", "lora")
     if not isinstance(method, str) or method not in ADAPTER_METHODS:
-        hint = did_you_mean(str(method), ADAPTER_METHODS)
-        problems.append(
-            Problem(
-                "adapter.method",
-                f"unknown method {method!r}",
-                f"{hint + ' ' if hint else ''}choose one of {', '.join(ADAPTER_METHODS)}",
-            )
-        )
+        problems.append(_unknown_choice("adapter.method", "method", method, list(ADAPTER_METHODS)))
         return None
     out: dict[str, Any] = {"method": method}
     fields = _peft_fields(method)
