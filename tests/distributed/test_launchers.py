@@ -1,7 +1,7 @@
 """The seq_cls recipe launched with 2 processes on CPU: DDP, ZeRO-2, ZeRO-3, ZeRO-3 with CPU offload.
 
-Each launch runs the command line documented in docs/distributed.md (``COMMANDS``) plus ``--set`` overrides that
-shrink the data. With a dropout-free model and the same global batch (2 × 8 vs 1 × 16) a 2-process run
+Each launch runs the command line documented in docs/distributed.md (``COMMANDS``) plus ``--set`` overrides
+that shrink the data. With a dropout-free model and the same global batch (2 × 8 vs 1 × 16) a 2-process run
 takes the same optimizer steps as a single-process run, so its results must match that run up to float
 rounding; each run's adapter must reload in a single process and predict what the trained model predicted.
 """
