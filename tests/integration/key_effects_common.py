@@ -90,8 +90,8 @@ def cli_ok(*args: str) -> str:
 def evaluate_metrics(run: Path, split: str = "validation") -> dict[str, float]:
     """``peftkit evaluate RUN --split SPLIT`` parsed back into numbers."""
     output = cli_ok("evaluate", str(run), "--split", split)
-    line = next(x for x in output.splitlines() if x.startswith(f"{split}: "))
-    pairs = (item.split("=", 1) for item in line[len(split) + 2 :].split())
+    line = output.rsplit(f"{split}: ", 1)[1].splitlines()[0]  # progress bars may share its line
+    pairs = (item.split("=", 1) for item in line.split())
     return {key: float(value) for key, value in pairs}
 
 

@@ -100,9 +100,7 @@ def test_conll_columns_pick_the_words_and_the_tags(tmp_path: Path, tiny_bert_dir
         write_three_column_conll(tmp_path / f"{split}.txt", n)
     files = {"train_file": "train.txt", "validation_file": "validation.txt", "format": "conll"}
     ner = finetune_raw(token_cls_raw(tiny_bert_dir, files), tmp_path, "ner")  # tag column -1: NER
-    chunks = finetune_raw(
-        token_cls_raw(tiny_bert_dir, {**files, "conll_tag_column": 1}), tmp_path, "chunks"
-    )
+    chunks = finetune_raw(token_cls_raw(tiny_bert_dir, {**files, "conll_tag_column": 1}), tmp_path, "chunks")
     assert read_json(ner / "labels.json")["labels"] == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
     assert read_json(chunks / "labels.json")["labels"] == ["O", "B-NP", "I-NP", "B-VP", "I-VP"]
     references = [p["reference"] for p in read_jsonl(chunks / "predictions_validation.jsonl")]

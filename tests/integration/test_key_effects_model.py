@@ -28,7 +28,9 @@ def test_tokenizer_revision_remote_code_attention_and_dtype_reach_the_loaders(
         shutil.copy(tiny_bert_dir / name, weights_only / name)
     # the tokenizer named by model.tokenizer, told apart by its model_max_length
     tokenizer_dir = tmp_path / "tokenizer"
-    transformers.AutoTokenizer.from_pretrained(tiny_bert_dir, model_max_length=77).save_pretrained(tokenizer_dir)
+    transformers.AutoTokenizer.from_pretrained(tiny_bert_dir, model_max_length=77).save_pretrained(
+        tokenizer_dir
+    )
     calls: list[tuple[str, str, dict[str, Any]]] = []
 
     def spy(owner: Any, what: str) -> None:
