@@ -43,7 +43,7 @@ def quick_train(**extra: Any) -> dict[str, Any]:
 
 
 def finetune_raw(raw: dict[str, Any], work: Path, name: str = "run") -> Path:
-    """Train ``raw`` (recipe data; its [train] output_dir is set to ``work/name``) with ``peftkit.finetune``."""
+    """Train ``raw`` (recipe data; [train] output_dir becomes ``work/name``) with ``peftkit.finetune``."""
     import peftkit
     from peftkit.recipe import recipe_from_dict
 

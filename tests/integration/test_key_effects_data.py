@@ -67,7 +67,7 @@ def test_split_sampling_format_and_seed_keys(tmp_path: Path, tiny_bert_dir: Path
     # format: without it the extension decides, and .data is not a known one
     from peftkit.errors import PeftkitError
 
-    with pytest.raises(PeftkitError, match="train.data"):
+    with pytest.raises(PeftkitError, match=r"train\.data"):
         finetune_raw(seq_cls_raw(tiny_bert_dir, {**data, "format": "auto"}), tmp_path, "auto")
 
 

@@ -79,5 +79,5 @@ def test_tokenizer_revision_remote_code_attention_and_dtype_reach_the_loaders(
     # the run directory carries the tokenizer it used
     assert transformers.AutoTokenizer.from_pretrained(run).model_max_length == 77
     with safe_open(str(run / "adapter_model.safetensors"), "pt") as saved:
-        heads = [saved.get_tensor(k) for k in saved.keys() if "classifier" in k]
+        heads = [saved.get_tensor(k) for k in saved.keys() if "classifier" in k]  # noqa: SIM118
     assert heads and all(t.dtype == torch.bfloat16 for t in heads)
