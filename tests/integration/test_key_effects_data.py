@@ -103,8 +103,9 @@ def test_conll_columns_pick_the_words_and_the_tags(tmp_path: Path, tiny_bert_dir
     chunks = finetune_raw(token_cls_raw(tiny_bert_dir, {**files, "conll_tag_column": 1}), tmp_path, "chunks")
     assert read_json(ner / "labels.json")["labels"] == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
     assert read_json(chunks / "labels.json")["labels"] == ["O", "B-NP", "I-NP", "B-VP", "I-VP"]
+    # validation_file: its 4 sentences are the validation split (not a share held out of train)
     references = [p["reference"] for p in read_jsonl(chunks / "predictions_validation.jsonl")]
-    assert references[0] == ["B-NP", "I-NP"]
+    assert len(references) == 4 and references[0] == ["B-NP", "I-NP"]
 
     # words from the chunk column (tags of three tokens) instead of one-token words: more tokens trained on
     tags_as_words = finetune_raw(
@@ -133,3 +134,30 @@ def test_num_proc_tokenizes_in_that_many_processes(
     files = {"train_file": "train.csv", "validation_file": "validation.csv"}
     finetune_raw(seq_cls_raw(tiny_bert_dir, {**files, "num_proc": 2}), tmp_path, "two")
     assert seen == [2, 2]  # train and validation; without the key, None (one process)
+
+
+def test_config_names_the_hub_dataset_configuration(
+    tmp_path: Path, tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.config is the configuration ``load_dataset`` gets for a Hub dataset (offline here: the Hub call
+    is answered in-process with a small DatasetDict)."""
+    import datasets
+
+    requested: list[tuple[Any, ...]] = []
+
+    def load_dataset(path: str, name: str | None = None, *args: Any, **kwargs: Any) -> Any:
+        requested.append((path, name))
+        lines = write_csv(tmp_path / "t.csv", 24).read_text().splitlines()[1:]
+        rows = [line.rsplit(",", 1) for line in lines]
+        return datasets.DatasetDict(
+            {
+                "train": datasets.Dataset.from_dict(
+                    {"text": [r[0] for r in rows], "label": [r[1] for r in rows]}
+                )
+            }
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    run = finetune_raw(seq_cls_raw(tiny_bert_dir, {"dataset": "someone/sms", "config": "en"}), tmp_path)
+    assert requested == [("someone/sms", "en")]
+    assert read_json(run / "peftkit_run.json")["data"]["train"]["rows"] == 21  # 24 less the 10% held out

@@ -175,6 +175,10 @@ def test_token_cls_long_inputs_stride_and_predict_batch_size_at_predict(
         rows[name] = sum(sizes)
     assert rows["truncate"] == 3 < rows["window-1"] < rows["window-7"]
     sizes.clear()
+    wider = with_task(run, tmp_path / "wider", long_inputs="window", stride=1, max_length=32)
+    predict_records(wider, records, tmp_path / "wider-out")
+    assert 3 <= sum(sizes) < rows["window-1"]  # longer windows: fewer of them
+    sizes.clear()
     predict_records(with_task(run, tmp_path / "batched", predict_batch_size=2), records, tmp_path / "b-out")
     assert sizes == [2, 1]
 
