@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.key_effects_common import finetune_raw, quick_train, write_csv
+from tests.integration.key_effects_common import finetune_raw, quick_train, train_metrics, write_csv
 
 
 def test_tokenizer_revision_remote_code_attention_and_dtype_reach_the_loaders(
@@ -81,3 +81,74 @@ def test_tokenizer_revision_remote_code_attention_and_dtype_reach_the_loaders(
     with safe_open(str(run / "adapter_model.safetensors"), "pt") as saved:
         heads = [saved.get_tensor(k) for k in saved.keys() if "classifier" in k]  # noqa: SIM118
     assert heads and all(t.dtype == torch.bfloat16 for t in heads)
+
+
+def write_llama_gguf(path: Path, model: Any, scale: float = 1.0) -> Path:
+    """The tiny Llama's float32 weights as a GGUF file (embeddings times ``scale``)."""
+    import gguf
+
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    per_layer = {
+        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    }  # fmt: skip
+    for i in range(config.num_hidden_layers):
+        names.update(
+            {f"model.layers.{i}.{hf}.weight": f"blk.{i}.{gg}.weight" for hf, gg in per_layer.items()}
+        )
+    weights = model.state_dict()
+    for hf, gg in names.items():
+        tensor = weights[hf].float() * (scale if hf == "model.embed_tokens.weight" else 1.0)
+        writer.add_tensor(gg, tensor.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_file_is_the_weights_finetune_trains(tmp_path: Path) -> None:
+    """A folder holding only GGUF files: gguf_file picks the one whose (dequantised) weights are trained;
+    two files that differ only in their embeddings give two different training losses."""
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM
+
+    from tests.integration.test_seq2seq_cli import save_tiny
+
+    source = save_tiny("llama", tmp_path / "llama")
+    model = AutoModelForCausalLM.from_pretrained(source)
+    folder = tmp_path / "gguf-only"
+    folder.mkdir()
+    write_llama_gguf(folder / "a.gguf", model)
+    write_llama_gguf(folder / "b.gguf", model, scale=3.0)
+    write_csv(tmp_path / "train.csv", 16)
+    write_csv(tmp_path / "validation.csv", 8, offset=1)
+
+    def run(gguf_file: str) -> Path:
+        raw = {
+            "model": {"name_or_path": str(folder), "gguf_file": gguf_file, "tokenizer": str(source)},
+            "task": {"type": "seq_cls", "max_length": 32},
+            "data": {"train_file": "train.csv", "validation_file": "validation.csv"},
+            "adapter": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+            "train": quick_train(max_steps=1),
+        }
+        return finetune_raw(raw, tmp_path, gguf_file)
+
+    losses = [train_metrics(run(name))["train_loss"] for name in ("a.gguf", "b.gguf")]
+    assert abs(losses[0] - losses[1]) > 1e-6
