@@ -83,6 +83,18 @@ def test_the_audit_fails_for_a_missing_key_or_test(tmp_path: Path) -> None:
     assert sorted(problems) == ["b", "c", "d", "e"]
 
 
+def test_the_docs_table_is_generated_from_the_mapping() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("key_tests_table", REPO / "scripts" / "key_tests_table.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert (REPO / "docs" / "recipe-key-tests.md").read_text(encoding="utf-8") == script.render(), (
+        "docs/recipe-key-tests.md is out of date: run python scripts/key_tests_table.py"
+    )
+
+
 @pytest.mark.parametrize("key", sorted(PENDING))
 def test_pending_keys_say_what_will_test_them(key: str) -> None:
     assert PENDING[key].strip()
