@@ -28,14 +28,15 @@ def test_export_table_sets_the_merge_and_export_defaults(tmp_path: Path, tiny_be
     }
     run = finetune_raw(raw, tmp_path)
 
-    cli_ok("merge", str(run), "--out", str(tmp_path / "merged"))
+    # --samples only sizes the parity checks (few here, for speed); no flag that [export] sets is given
+    cli_ok("merge", str(run), "--out", str(tmp_path / "merged"), "--samples", "4")
     report = read_json(tmp_path / "merged" / "merge_report.json")
     assert report["dtype"] == "bfloat16" and report["max_shard_size"] == "500KB"
     assert read_json(tmp_path / "merged" / "config.json")["dtype"] == "bfloat16"
     index = read_json(tmp_path / "merged" / "model.safetensors.index.json")
     assert len(set(index["weight_map"].values())) > 1  # the default 2GB would write one file
 
-    cli_ok("export", str(run), "--out", str(tmp_path / "bundle"))
+    cli_ok("export", str(run), "--out", str(tmp_path / "bundle"), "--samples", "4")
     manifest = read_json(tmp_path / "bundle" / "peftkit_export.json")
     assert manifest["formats"] == ["safetensors", "onnx"]
     assert (tmp_path / "bundle" / "model.onnx").is_file()
