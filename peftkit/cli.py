@@ -571,12 +571,37 @@ def _echo_zero_stages(result: Any, devices: int | None) -> None:
 
 
 @main.command()
-def env() -> None:
-    """Versions of peftkit's stack and the devices torch sees."""
+@click.option(
+    "--check-lock",
+    is_flag=True,
+    help="Exit 1 if an installed version differs from requirements.lock (the stack the suite passed with).",
+)
+def env(check_lock: bool) -> None:
+    """Versions of peftkit's stack, how they differ from the tested lock, and the devices torch sees."""
+    from peftkit.lock import describe, lock_differences, locked_versions
     from peftkit.runs import package_versions
 
     for name, version in package_versions().items():
         click.echo(f"{name:<14} {version or '-'}")
+    differences = lock_differences()
+    if not locked_versions():
+        click.echo("lock           none shipped with this installation")
+    elif differences:
+        count = f"{len(differences)} of {len(locked_versions())}"
+        click.echo(f"lock           {count} packages differ from requirements.lock:")
+        for line in describe(differences):
+            click.echo(f"  {line}")
+    else:
+        click.echo(f"lock           all {len(locked_versions())} packages as in requirements.lock")
+    if check_lock:
+        if differences or not locked_versions():
+            click.echo(
+                "error: the installed stack is not the locked one (above). Fix: reinstall with "
+                "`bash scripts/install.sh`, or test newer versions with `bash scripts/update_lock.sh`",
+                err=True,
+            )
+            raise SystemExit(1)
+        return
     import platform
 
     click.echo(f"{'python':<14} {platform.python_version()}")

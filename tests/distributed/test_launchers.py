@@ -1,7 +1,7 @@
 """The seq_cls recipe launched with 2 processes on CPU: DDP, ZeRO-2, ZeRO-3, ZeRO-3 with CPU offload.
 
-Each launch runs the command line documented in the README (``COMMANDS``) plus ``--set`` overrides that
-shrink the data. With a dropout-free model and the same global batch (2 × 8 vs 1 × 16) a 2-process run
+Each launch runs the command line documented in docs/distributed.md (``COMMANDS``) plus ``--set`` overrides
+that shrink the data. With a dropout-free model and the same global batch (2 × 8 vs 1 × 16) a 2-process run
 takes the same optimizer steps as a single-process run, so its results must match that run up to float
 rounding; each run's adapter must reload in a single process and predict what the trained model predicted.
 """
@@ -178,10 +178,14 @@ def merge_zero3(run_dir: Path, out: Path) -> dict[str, float]:
     return {"loss": torch.nn.functional.cross_entropy(logits, torch.tensor(labels)).item()}
 
 
-def test_readme_documents_the_tested_command_lines() -> None:
-    """The launch commands in README.md are these tests' own (the one-node rendezvous form excepted: the
-    README shows it for two nodes)."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+DISTRIBUTED_DOC = REPO / "docs" / "distributed.md"
+
+
+def test_docs_document_the_tested_command_lines() -> None:
+    """The launch commands in docs/distributed.md are these tests' own (the one-node rendezvous form
+    excepted: the page shows it for two nodes), and the README links that page."""
+    page = DISTRIBUTED_DOC.read_text(encoding="utf-8")
     for name, command in COMMANDS.items():
         if name not in ("single", "ddp_rendezvous"):
-            assert command in readme, f"README.md lacks the {name} command line: {command}"
+            assert command in page, f"docs/distributed.md lacks the {name} command line: {command}"
+    assert "docs/distributed.md" in (REPO / "README.md").read_text(encoding="utf-8")
