@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from peftkit.adapters import METHODS
 from peftkit.errors import Problem, RecipeError, did_you_mean
+from peftkit.recipe.sweep_table import SWEEP_KEYS as SWEEP_KEYS  # the schema: [sweep]'s keys
 from peftkit.recipe.sweep_table import check_sweep_table, parse_sweep_table
 from peftkit.tasks import TASKS
 from peftkit.tasks.base import TaskConfig
