@@ -94,10 +94,8 @@ def is_lora_key(key: str) -> bool:
 def _load_source(run_dir: Path) -> _Source:
     from safetensors.torch import load_file
 
-    from peftkit.recipe import load_resolved_recipe
-
     meta = runs.check_complete(run_dir)
-    recipe = load_resolved_recipe(run_dir)
+    recipe = runs.load_resolved_recipe(run_dir)
     labels = runs.run_labels(run_dir, recipe, meta)
     adapter_config = runs.read_json(run_dir / runs.ADAPTER_CONFIG)
     state = load_file(str(run_dir / runs.ADAPTER_WEIGHTS))

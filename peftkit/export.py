@@ -135,10 +135,10 @@ def _bundle_stage(
 def _load_recipe(source: Path, report: Mapping[str, Any] | None) -> Any:
     """The run's resolved recipe: from the run directory (a checkpoint's run), or a merged folder's copy."""
     from peftkit.merge import resolve_adapter
-    from peftkit.recipe import load_resolved_recipe, recipe_from_dict
+    from peftkit.recipe import recipe_from_dict
 
     if report is None:
-        return load_resolved_recipe(resolve_adapter(source, None)[0])
+        return runs.load_resolved_recipe(resolve_adapter(source, None)[0])
     run_dir = Path(report["source_run"])
     raw = {k: v for k, v in report["recipe"].items() if v is not None}
     return recipe_from_dict(raw, source=str(run_dir), base_dir=run_dir, check_files=False)

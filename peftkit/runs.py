@@ -489,7 +489,6 @@ def load_run(
     from peft import PeftModel
 
     from peftkit.modeling import load_stack
-    from peftkit.recipe import load_resolved_recipe
 
     run_dir = Path(run_dir)
     adapter = Path(adapter_dir) if adapter_dir else None
@@ -507,6 +506,27 @@ def load_run(
         ) from None
     model.eval()
     return LoadedRun(run_dir=run_dir, recipe=recipe, task=stack.task, ctx=stack.ctx, model=model, meta=meta)
+
+
+def load_resolved_recipe(run_dir: str | os.PathLike[str]) -> Any:
+    """The recipe stored in a run directory's ``peftkit_run.json`` (paths already absolute)."""
+    from peftkit.recipe import recipe_from_dict
+
+    meta_path = Path(run_dir) / RUN_META
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        raw = meta["recipe"]
+    except FileNotFoundError:
+        raise RunDirError(
+            f"{meta_path}: not found; {run_dir} is not a peftkit run directory "
+            "(pass the folder `peftkit finetune` wrote, e.g. runs/<name>)"
+        ) from None
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise RunDirError(f"{meta_path}: unreadable run metadata ({exc}); re-run finetune") from None
+    raw = {k: v for k, v in raw.items() if v is not None}
+    return recipe_from_dict(
+        raw, source=str(meta_path), base_dir=run_dir, name=meta.get("name", "run"), check_files=False
+    )
 
 
 def run_labels(run_dir: Path, recipe: Any, meta: dict[str, Any]) -> tuple[str, ...] | None:

@@ -94,9 +94,8 @@ def child(kind: str, run_dir: Path, out: Path) -> dict[str, Any]:
     else:
         from peftkit import runs
         from peftkit.modeling import drop_gguf_marker, load_stack
-        from peftkit.recipe import load_resolved_recipe
 
-        recipe = load_resolved_recipe(run_dir)
+        recipe = runs.load_resolved_recipe(run_dir)
         labels = runs.run_labels(run_dir, recipe, runs.read_json(run_dir / runs.RUN_META))
         stack = load_stack(recipe, labels, tokenizer_source=run_dir, dtype="float32")
         model, tokenizer = stack.model, stack.ctx.tokenizer
@@ -120,8 +119,9 @@ def child(kind: str, run_dir: Path, out: Path) -> dict[str, Any]:
 
 def train(name: str, spec: dict[str, Any], work: Path, samples: int, env: dict[str, str]) -> Path:
     run_dir = work / name.split()[0].lower()
-    meta = run_dir / "peftkit_run.json"
-    if meta.is_file() and json.loads(meta.read_text()).get("status") == "completed":
+    from peftkit import runs
+
+    if runs.read_completed(run_dir) is not None:
         return run_dir
     overrides = [*spec["overrides"](samples), f'train.output_dir="{run_dir}"', "train.report_to=[]"]
     command = [sys.executable, "-m", "peftkit", "finetune", str(spec["recipe"]), "--overwrite"]
