@@ -13,9 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from peftkit import runs
 from peftkit.outputs import write_text_atomic
-
-ONNX_FILE = "model.onnx"
 
 
 def write_model_card(
@@ -26,7 +25,7 @@ def write_model_card(
     meta: Mapping[str, Any],
 ) -> Path:
     """README.md for a merged model: base model, method, labels, metrics, merge details and checks, recipe."""
-    path = folder / "README.md"
+    path = folder / runs.MODEL_CARD
     write_text_atomic(path, model_card(report, recipe, metrics, meta))
     return path
 
@@ -213,14 +212,15 @@ def _merge_section(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def append_onnx_section(path: Path, check: Mapping[str, Any], weights_kept: bool) -> None:
+def append_onnx_section(folder: Path, check: Mapping[str, Any], weights_kept: bool) -> None:
     """Add the ONNX file, how to run it, and its parity figures to the bundle's model card."""
+    path = folder / runs.MODEL_CARD
     text = path.read_text(encoding="utf-8") if path.is_file() else ""
     inputs = ", ".join(f'"{name}": encoded["{name}"]' for name in check["inputs"])
     section = [
         "## ONNX",
         "",
-        f"`{ONNX_FILE}` (opset {check.get('opset')}, inputs {', '.join(check['inputs'])}; outputs "
+        f"`{runs.ONNX_FILE}` (opset {check.get('opset')}, inputs {', '.join(check['inputs'])}; outputs "
         f"{', '.join(check['outputs'])}; dynamic batch and sequence axes)."
         + ("" if weights_kept else " This bundle holds no PyTorch weights: the ONNX file carries them."),
         "",
@@ -229,7 +229,7 @@ def append_onnx_section(path: Path, check: Mapping[str, Any], weights_kept: bool
         "from transformers import AutoTokenizer",
         "",
         'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
-        f'session = onnxruntime.InferenceSession("path/to/this/folder/{ONNX_FILE}")',
+        f'session = onnxruntime.InferenceSession("path/to/this/folder/{runs.ONNX_FILE}")',
         'encoded = tokenizer(["some text"], return_tensors="np")',
         f"outputs = session.run(None, {{{inputs}}})",
         "```",

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit import runs
-from peftkit.card import ONNX_FILE, append_onnx_section
+from peftkit.card import append_onnx_section
 from peftkit.errors import PeftkitError
 from peftkit.outputs import check_output_dir, staged_output
 from peftkit.parity import DEFAULT_SAMPLES, FP32_TOLERANCE
@@ -101,7 +101,7 @@ def export_bundle(
             for weights in [*stage.glob("*.safetensors"), stage / runs.SHARD_INDEX]:
                 weights.unlink(missing_ok=True)
         if onnx_report is not None:
-            append_onnx_section(stage / "README.md", onnx_report, weights_kept="safetensors" in chosen)
+            append_onnx_section(stage, onnx_report, weights_kept="safetensors" in chosen)
         manifest = _manifest(stage, source_dir, chosen, merged, onnx_report, time.perf_counter() - started)
         runs.write_json_atomic(stage / runs.EXPORT_MANIFEST, manifest)
     return ExportResult(out_dir=out_dir, manifest=manifest)
@@ -225,7 +225,7 @@ def _export_onnx(stage: Path, recipe: Any, report: Mapping[str, Any], samples: i
     example = sample.batches[0]
     names = [name for name in ONNX_INPUTS if name in example]
     output_names = list(task.onnx_outputs)
-    path = stage / ONNX_FILE
+    path = stage / runs.ONNX_FILE
     _torch_onnx_export(model, {name: example[name] for name in names}, names, output_names, path)
     export_s = time.perf_counter() - started
 

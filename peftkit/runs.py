@@ -49,6 +49,8 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 MERGE_REPORT = "merge_report.json"
 EXPORT_MANIFEST = "peftkit_export.json"
 SHARD_INDEX = "model.safetensors.index.json"
+MODEL_CARD = "README.md"
+ONNX_FILE = "model.onnx"
 # Files that mark a folder as something peftkit wrote, so --overwrite may replace it.
 OUTPUT_MARKERS = (MERGE_REPORT, EXPORT_MANIFEST, RUN_META)
 PICKLED_ADAPTER = "adapter_model.bin"
