@@ -293,7 +293,7 @@ def test_overwrite_never_removes_a_folder_peftkit_did_not_write(tmp_path: Path) 
     precious = tmp_path / "home"
     precious.mkdir()
     (precious / "thesis.tex").write_text("years of work")
-    with pytest.raises(OutputError, match=r"train.output_dir.*was not written by peftkit"):
+    with pytest.raises(OutputError, match=r"was not written by peftkit.*choose another train.output_dir"):
         runs.prepare_run_dir(precious, overwrite=True, resume=False)
     with pytest.raises(RunDirError, match=r"a run already exists there\. Nothing was changed"):
         runs.prepare_run_dir(precious, overwrite=False, resume=False)
