@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 from peftkit.recipe import Recipe, load_recipe
 
 if TYPE_CHECKING:
+    from peftkit.combine import CombineResult
     from peftkit.export import ExportResult
-    from peftkit.merge import CombineResult, MergeResult
+    from peftkit.merge import MergeResult
     from peftkit.plan import MemoryPlan
     from peftkit.training import RunResult
 
@@ -87,7 +88,7 @@ def merge_adapters(run_dirs: Sequence[RunDir], out: str | os.PathLike[str], **op
 
     ``options``: method, weights, density, svd_rank, overwrite, seed (as the command's flags).
     """
-    from peftkit.merge import merge_adapters as combine
+    from peftkit.combine import merge_adapters as combine
 
     return combine(run_dirs, out, **options)
 

@@ -428,8 +428,8 @@ def merge_adapters(
 ) -> None:
     """Combine the LoRA adapters of several runs (same base, task, labels) into a new run directory."""
     _quiet_libraries()
+    from peftkit.combine import merge_adapters as combine
     from peftkit.errors import PeftkitError
-    from peftkit.merge import merge_adapters as combine
 
     try:
         parsed = [float(w) for w in weights.split(",")] if weights else None

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from peftkit import runs
 from peftkit.errors import RunDirError
 
-# metrics that describe the evaluation loop, not the model; per-class and per-type scores
+# metrics that describe the evaluation loop, not the model (per-class/per-type ones: Task.is_detail_metric)
 SKIPPED = ("runtime", "_per_second", "samples", "steps")
-PER_CLASS = ("precision_", "recall_", "support_")
-PER_TYPE = ("_precision", "_recall", "_f1", "_support", "_total", "_exact")
 
 
 @dataclass
@@ -36,12 +35,12 @@ def expand_run_dirs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     """Run directories (folders with metrics.json); a folder of runs expands to its runs, in name order."""
     found: list[Path] = []
     for path in map(Path, paths):
-        if (path / "metrics.json").is_file():
+        if (path / runs.METRICS).is_file():
             found.append(path)
             continue
-        inner = sorted(p.parent for p in path.glob("*/metrics.json")) if path.is_dir() else []
+        inner = sorted(p.parent for p in path.glob(f"*/{runs.METRICS}")) if path.is_dir() else []
         if not inner:
-            what = "no such folder" if not path.exists() else "no metrics.json (not a completed run)"
+            what = "no such folder" if not path.exists() else f"no {runs.METRICS} (not a completed run)"
             raise RunDirError(f"{path}: {what}; pass run directories written by `peftkit finetune`")
         found.extend(inner)
     return found
@@ -49,8 +48,6 @@ def expand_run_dirs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
 
 def compare_runs(paths: Sequence[str | os.PathLike[str]], split: str | None = None) -> Comparison:
     """One row per run: name, base model, method, rank, the split's metrics, params, time and memory."""
-    from peftkit import runs
-
     run_dirs = expand_run_dirs(paths)
     loaded = []
     for run_dir in run_dirs:
@@ -94,10 +91,13 @@ def compare_runs(paths: Sequence[str | os.PathLike[str]], split: str | None = No
 
 
 def _is_headline(key: str, value: Any) -> bool:
+    """A numeric model metric, not a per-class or per-type detail of any task (runs may mix tasks)."""
+    from peftkit.tasks import TASKS
+
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return False
-    per_class = key.startswith(PER_CLASS) or (key.startswith("f1_") and key != "f1_macro")
-    return not any(s in key for s in SKIPPED) and not per_class and not key.endswith(PER_TYPE)
+    detail = any(task.is_detail_metric(key) for task in TASKS.values())
+    return not any(s in key for s in SKIPPED) and not detail
 
 
 def _headline_metric(loaded: Sequence[tuple[Path, dict[str, Any], dict[str, Any]]]) -> str | None:
@@ -145,7 +145,6 @@ def format_table(comparison: Comparison, markdown: bool = False) -> str:
 
 def write_table(comparison: Comparison, path: Path) -> None:
     """``.csv`` (every column, raw numbers), ``.md`` (the printed table) or ``.json``."""
-    from peftkit import runs
     from peftkit.errors import PeftkitError
 
     suffix = path.suffix.lower()

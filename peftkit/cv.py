@@ -86,11 +86,15 @@ def run_cv(
     if folds > len(train):
         raise PeftkitError(f"--folds {folds}: the train split has only {len(train)} examples")
     labels = task.prepare_labels(raw, recipe.task)
-    stratify = recipe.task_name == "seq_cls" and labels is not None
+    column = task.stratify_column if labels is not None else None  # classification: stratified folds
+    stratify = column is not None
     records = _records_with_names(train)
     test = _records_with_names(raw["test"]) if "test" in raw else None
     held_out = fold_indices(
-        [r["label"] for r in records] if stratify else None, len(records), folds, recipe.data.seed
+        [r[column] for r in records] if column is not None else None,
+        len(records),
+        folds,
+        recipe.data.seed,
     )
 
     cv_dir = (Path(out_dir) if out_dir else cv_dir_for(recipe)).resolve()
@@ -194,13 +198,14 @@ def _without_none(value: Any) -> Any:
 
 def _completed_metrics(run_dir: Path, recipe: Recipe) -> dict[str, Any] | None:
     """The fold's metrics when it finished before with the same recipe, else None."""
-    try:
-        meta = json.loads((run_dir / "peftkit_run.json").read_text(encoding="utf-8"))
-        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    from peftkit import runs
+
+    completed = runs.read_completed(run_dir)
+    if completed is None:
         return None
+    meta, metrics = completed
     same = json.loads(json.dumps(recipe.to_dict(), default=str)) == meta.get("recipe")
-    return metrics if meta.get("status") == "completed" and same else None
+    return metrics if same else None
 
 
 def flatten_numbers(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:

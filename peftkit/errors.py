@@ -79,3 +79,7 @@ class MergeVerificationError(PeftkitError):
 
 class ExportError(PeftkitError):
     """An export cannot be done as asked, or its parity check failed (nothing is left at the output)."""
+
+
+class OutputError(PeftkitError):
+    """An output folder cannot be written as asked (a file, an input of the command, not peftkit's)."""

@@ -9,241 +9,31 @@ batch and sequence axes, and is checked with ONNX Runtime against PyTorch on the
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
-import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from peftkit import runs
-from peftkit.adapters import METHODS
+from peftkit.card import append_onnx_section
 from peftkit.errors import ExportError
+from peftkit.outputs import check_output_dir, staged_output
+from peftkit.parity import DEFAULT_SAMPLES, FP32_TOLERANCE
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("safetensors", "onnx")
-ONNX_TASKS = ("seq_cls", "token_cls", "qa")
-ONNX_FILE = "model.onnx"
-MANIFEST = "peftkit_export.json"
 # ONNX Runtime reorders and fuses float32 arithmetic; its logits stay within this of PyTorch's.
 ONNX_TOLERANCE = 1e-3
 ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 INSTALL_HINT = "pip install 'peftkit[export]' (onnx, onnxscript and onnxruntime)"
-
-
-# --------------------------------------------------------------------------------------------------
-# Model card
-
-
-TASK_TITLES = {
-    "seq_cls": "sequence classification",
-    "token_cls": "token classification",
-    "qa": "extractive question answering",
-    "seq2seq": "text-to-text generation",
-}
-
-
-def write_model_card(
-    folder: Path,
-    report: Mapping[str, Any],
-    recipe: Mapping[str, Any],
-    metrics: Mapping[str, Any] | None,
-    meta: Mapping[str, Any],
-) -> Path:
-    """README.md for a merged model: base model, method, labels, metrics, merge details and checks, recipe."""
-    path = folder / "README.md"
-    runs.write_text_atomic(path, model_card(report, recipe, metrics, meta))
-    return path
-
-
-def model_card(
-    report: Mapping[str, Any],
-    recipe: Mapping[str, Any],
-    metrics: Mapping[str, Any] | None,
-    meta: Mapping[str, Any],
-) -> str:
-    task = str(report["task"])
-    adapter = dict(report.get("adapter") or {})
-    method = _method_name(recipe.get("adapter", {}), adapter)
-    base = str(report["base_model"]) + (f" ({report['gguf_file']})" if report.get("gguf_file") else "")
-    pipeline_task = report.get("pipeline_task")
-    name = report.get("run_name") or Path(str(report["source_run"])).name
-    front = ["---", "library_name: transformers", f"base_model: {json.dumps(str(report['base_model']))}"]
-    if pipeline_task:
-        front.append(f"pipeline_tag: {pipeline_task}")
-    front += ["tags:", "- peftkit", f"- {method.split()[0].lower()}", "- merged", "---", ""]
-    lines = [
-        *front,
-        f"# {name} (merged)",
-        "",
-        f"{base} fine-tuned for {TASK_TITLES.get(task, task)} with {method} by peftkit, with the adapter "
-        "merged into the base weights: this folder loads with plain transformers, no peft needed.",
-        "",
-        "## Use",
-        "",
-        "```python",
-        *_usage(report),
-        "```",
-        "",
-    ]
-    labels = report.get("labels")
-    if labels:
-        lines += ["## Labels", "", "| id | label |", "|---|---|"]
-        lines += [f"| {i} | {label} |" for i, label in enumerate(labels[:100])]
-        if len(labels) > 100:
-            lines.append(f"| … | {len(labels) - 100} more in config.json |")
-        lines.append("")
-    lines += ["## Training", ""]
-    lines += [f"- base model: `{base}`", f"- method: {method}"]
-    if adapter.get("target_modules"):
-        lines.append(f"- target modules: {', '.join(sorted(adapter['target_modules']))}")
-    if adapter.get("modules_to_save"):
-        heads = sorted(set(adapter["modules_to_save"]))
-        lines.append(f"- trained in full (modules_to_save): {', '.join(heads)}")
-    quant = report.get("quantization")
-    if quant:
-        lines.append(
-            f"- QLoRA: the base was loaded in {quant['bits']} bits ({quant.get('quant_type')}) for training"
-        )
-    data = meta.get("data") or {}
-    if data:
-        rows = ", ".join(
-            f"{split} {info.get('rows')}" for split, info in data.items() if isinstance(info, dict)
-        )
-        lines.append(f"- data: {rows} examples")
-    lines.append("")
-    lines += _metrics_table(metrics)
-    lines += _merge_section(report)
-    lines += ["## Recipe (resolved)", "", "```json", json.dumps(recipe, indent=2, default=str), "```", ""]
-    versions = report.get("versions") or {}
-    shown = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
-    lines += ["## Versions", "", shown, ""]
-    return "\n".join(lines)
-
-
-def _method_name(recipe_adapter: Mapping[str, Any], adapter: Mapping[str, Any]) -> str:
-    kind = str(recipe_adapter.get("method") or adapter.get("peft_type") or "adapter").lower()
-    label = METHODS[kind].display_name if kind in METHODS else kind
-    if adapter.get("use_dora"):
-        label = "DoRA"
-    details = []
-    if adapter.get("r") is not None:
-        details.append(f"r={adapter['r']}")
-    if adapter.get("lora_alpha") is not None:
-        details.append(f"alpha={adapter['lora_alpha']}")
-    if adapter.get("use_rslora"):
-        details.append("rsLoRA scaling")
-    return f"{label} ({', '.join(details)})" if details else label
-
-
-def _usage(report: Mapping[str, Any]) -> list[str]:
-    folder = '"path/to/this/folder"'
-    pipeline_task = report.get("pipeline_task")
-    model_class = report.get("model_class", "AutoModel")
-    auto_class = {
-        "seq_cls": "AutoModelForSequenceClassification",
-        "token_cls": "AutoModelForTokenClassification",
-        "qa": "AutoModelForQuestionAnswering",
-    }.get(str(report["task"]), model_class)
-    if report["task"] == "seq2seq":
-        auto_class = "AutoModelForCausalLM" if pipeline_task else "AutoModelForSeq2SeqLM"
-    lines = []
-    if pipeline_task:
-        lines += [
-            "from transformers import pipeline",
-            "",
-            f'pipe = pipeline("{pipeline_task}", model={folder})',
-            "",
-        ]
-    lines += [
-        f"from transformers import AutoTokenizer, {auto_class}",
-        "",
-        f"tokenizer = AutoTokenizer.from_pretrained({folder})",
-        f"model = {auto_class}.from_pretrained({folder})",
-    ]
-    if report["task"] == "qa":
-        lines.append("# transformers 5 has no question-answering pipeline: `peftkit predict` decodes spans")
-    return lines
-
-
-def _metrics_table(metrics: Mapping[str, Any] | None) -> list[str]:
-    if not metrics:
-        return []
-    skip = ("runtime", "_per_second", "precision_", "recall_", "support_", "steps", "epoch")
-    rows = []
-    for split in ("validation", "test"):
-        values = metrics.get(split)
-        if not isinstance(values, dict):
-            continue
-        shown = {
-            k: v for k, v in values.items() if isinstance(v, (int, float)) and not any(s in k for s in skip)
-        }
-        if shown:
-            rows.append((split, shown))
-    if not rows:
-        return []
-    lines = ["## Metrics (the adapter model, as evaluated by the training run)", ""]
-    for split, shown in rows:
-        lines.append(f"- {split}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in shown.items()))
-    lines.append("")
-    return lines
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def _merge_section(report: Mapping[str, Any]) -> list[str]:
-    verification = report.get("verification") or {}
-    sample = verification.get("sample") or {}
-    lines = [
-        "## Merge",
-        "",
-        f"- source run: `{report['source_run']}`"
-        + (f", checkpoint `{report['checkpoint']}`" if report.get("checkpoint") else ""),
-        f"- merged into: {report.get('merged_into')}",
-        f"- merged in {report.get('merge_dtype')}, saved as {report.get('dtype')}"
-        + (" (cast after merging)" if report.get("dtype") != report.get("merge_dtype") else ""),
-        f"- weights: {', '.join(report.get('weight_files') or [])}"
-        + (" (sharded, with model.safetensors.index.json)" if report.get("sharded") else ""),
-        "",
-        "### Verification",
-        "",
-        f"Sample: {sample.get('examples')} examples ({sample.get('features')} model inputs) of the "
-        f"{sample.get('split') or 'random'} split ({sample.get('source')}). Each check compares logits at "
-        "real (unpadded) positions and argmax predictions with the adapter model (float32 base + adapter).",
-        "",
-        "| check | max abs Δlogit | mean abs Δlogit | prediction agreement | predictions | result |",
-        "|---|---|---|---|---|---|",
-    ]
-    for check in verification.get("checks") or []:
-        limit = f" (≤ {check['tolerance']:g})" if check.get("tolerance") is not None else ""
-        lines.append(
-            f"| {check['name']}: {check['description']} | {check['max_abs_diff']:.3g}{limit} | "
-            f"{check['mean_abs_diff']:.3g} | {check['agreement']:.4f} | {check['predictions_compared']} | "
-            f"{'passed' if check['passed'] else 'FAILED'} |"
-        )
-    quantized = verification.get("quantized_adapter")
-    if quantized and "max_abs_diff" in quantized:
-        lines += [
-            "",
-            f"The QLoRA model as trained ({quantized['description']}): max abs Δlogit "
-            f"{quantized['max_abs_diff']:.3g}, prediction agreement {quantized['agreement']:.4f}. The merged "
-            "model reproduces the adapter on the unquantized base; merging into the 4-bit weights would be "
-            "lossy.",
-        ]
-    lines.append("")
-    return lines
-
-
-# --------------------------------------------------------------------------------------------------
-# Export
 
 
 @dataclass
@@ -253,7 +43,7 @@ class ExportResult:
 
 
 def is_merged_dir(folder: Path) -> bool:
-    return (folder / "merge_report.json").is_file() and (folder / "config.json").is_file()
+    return (folder / runs.MERGE_REPORT).is_file() and (folder / runs.MODEL_CONFIG).is_file()
 
 
 def export_bundle(
@@ -273,16 +63,6 @@ def export_bundle(
     default: the recipe's ``[export] formats``. The bundle is staged beside ``out`` and renamed into place
     only when every check passed.
     """
-    from peftkit.merge import (
-        DEFAULT_SAMPLES,
-        FP32_TOLERANCE,
-        MergeError,
-        check_output_dir,
-        resolve_adapter,
-        staged_output,
-        write_merged,
-    )
-
     source_dir = Path(source)
     out_dir = Path(out)
     merged_source = is_merged_dir(source_dir)
@@ -293,67 +73,81 @@ def export_bundle(
     ):
         raise ExportError(
             f"{source_dir}: neither a run directory (no {runs.RUN_META}) nor a merged model (no "
-            "merge_report.json); pass the folder `peftkit finetune`, `peftkit merge` or "
+            f"{runs.MERGE_REPORT}); pass the folder `peftkit finetune`, `peftkit merge` or "
             "`peftkit merge-adapters` wrote"
         )
-    report = runs.read_json(source_dir / "merge_report.json") if merged_source else None
-    recipe_source = Path(report["source_run"]) if report else source_dir
-    run_dir, adapter_dir = (recipe_source, None) if report else resolve_adapter(source_dir, None)
-    recipe = _load_recipe(run_dir, report)
+    report = runs.read_json(source_dir / runs.MERGE_REPORT) if merged_source else None
+    recipe = _load_recipe(source_dir, report)
     chosen = tuple(dict.fromkeys(formats or recipe.export.formats))
     for fmt in chosen:
         if fmt not in FORMATS:
             raise ExportError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
     if "onnx" in chosen:
         _check_onnx_possible(recipe.task_name, source_dir)
-    check_output_dir(out_dir, overwrite, inputs=[source_dir, run_dir])
-    if not merged_source:
-        runs.check_complete(run_dir, adapter_dir)
     started = time.perf_counter()
-    with staged_output(out_dir, overwrite) as stage:
-        if merged_source:
-            assert report is not None
-            _copy_merged(source_dir, stage, report, dtype)
-            report = runs.read_json(stage / "merge_report.json")
-        else:
-            try:
-                report = write_merged(
-                    run_dir,
-                    adapter_dir,
-                    stage,
-                    dtype=dtype,
-                    max_shard_size=max_shard_size,
-                    samples=samples or DEFAULT_SAMPLES,
-                    tolerance=tolerance if tolerance is not None else FP32_TOLERANCE,
-                )
-            except MergeError as exc:
-                raise ExportError(str(exc)) from None
-        onnx_report = _export_onnx(stage, recipe, report, samples) if "onnx" in chosen else None
+    options = {
+        "dtype": dtype,
+        "max_shard_size": max_shard_size,
+        "samples": samples or DEFAULT_SAMPLES,
+        "tolerance": tolerance if tolerance is not None else FP32_TOLERANCE,
+    }
+    with _bundle_stage(source_dir, out_dir, report, overwrite, options) as (stage, merged):
+        onnx_report = _export_onnx(stage, recipe, merged, samples) if "onnx" in chosen else None
         if "safetensors" not in chosen:
-            for weights in [*stage.glob("*.safetensors"), stage / "model.safetensors.index.json"]:
+            for weights in [*stage.glob("*.safetensors"), stage / runs.SHARD_INDEX]:
                 weights.unlink(missing_ok=True)
         if onnx_report is not None:
-            _append_onnx_card(stage / "README.md", onnx_report, weights_kept="safetensors" in chosen)
-        manifest = _manifest(stage, source_dir, chosen, report, onnx_report, time.perf_counter() - started)
-        runs.write_json_atomic(stage / MANIFEST, manifest)
+            append_onnx_section(stage, onnx_report, weights_kept="safetensors" in chosen)
+        manifest = _manifest(stage, source_dir, chosen, merged, onnx_report, time.perf_counter() - started)
+        runs.write_json_atomic(stage / runs.EXPORT_MANIFEST, manifest)
     return ExportResult(out_dir=out_dir, manifest=manifest)
 
 
-def _load_recipe(run_dir: Path, report: Mapping[str, Any] | None) -> Any:
-    """The run's resolved recipe: from the run directory, or the copy a merged folder's report keeps."""
-    from peftkit.recipe import load_resolved_recipe, recipe_from_dict
+@contextlib.contextmanager
+def _bundle_stage(
+    source: Path, out: Path, report: Mapping[str, Any] | None, overwrite: bool, options: dict[str, Any]
+) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """The bundle's staging folder with the merged model in it, and its merge report.
+
+    A run is merged there by the merge itself (:func:`peftkit.merge.staged_merge`); a merged folder is copied
+    (and re-cast when ``--dtype`` asks for a half precision of a float32 merge).
+    """
+    from peftkit.merge import MergeError, staged_merge
 
     if report is None:
-        return load_resolved_recipe(run_dir)
+        try:
+            with staged_merge(source, out, overwrite=overwrite, inputs=[source], **options) as staged:
+                yield staged
+        except MergeError as exc:
+            raise ExportError(str(exc)) from None
+        return
+    run_dir = Path(report["source_run"])
+    check_output_dir(out, overwrite, markers=runs.OUTPUT_MARKERS, inputs=[source, run_dir])
+    with staged_output(out, overwrite, markers=runs.OUTPUT_MARKERS) as stage:
+        _copy_merged(source, stage, report, options["dtype"])
+        yield stage, runs.read_json(stage / runs.MERGE_REPORT)
+
+
+def _load_recipe(source: Path, report: Mapping[str, Any] | None) -> Any:
+    """The run's resolved recipe: from the run directory (a checkpoint's run), or a merged folder's copy."""
+    from peftkit.merge import resolve_adapter
+    from peftkit.recipe import recipe_from_dict
+
+    if report is None:
+        return runs.load_resolved_recipe(resolve_adapter(source, None)[0])
+    run_dir = Path(report["source_run"])
     raw = {k: v for k, v in report["recipe"].items() if v is not None}
     return recipe_from_dict(raw, source=str(run_dir), base_dir=run_dir, check_files=False)
 
 
 def _check_onnx_possible(task_name: str, source: Path) -> None:
     """ONNX covers the encoder tasks, and needs the `export` extra installed; else a clear error, at once."""
-    if task_name not in ONNX_TASKS:
+    from peftkit.tasks import TASKS
+
+    if not TASKS[task_name].onnx_outputs:
+        covered = ", ".join(name for name, task in TASKS.items() if task.onnx_outputs)
         raise ExportError(
-            f"{source}: --format onnx covers the encoder tasks ({', '.join(ONNX_TASKS)}), not {task_name}; "
+            f"{source}: --format onnx covers the encoder tasks ({covered}), not {task_name}; "
             "export generation models with --format safetensors (or optimum's exporter, which handles the "
             "decoding loop and its cache)"
         )
@@ -371,7 +165,7 @@ def _importable(name: str) -> bool:
 def _copy_merged(source: Path, stage: Path, report: Mapping[str, Any], dtype: str | None) -> None:
     """Copy a merged folder; a float32 one may be re-saved in a half precision on the way."""
     if report.get("status") != "passed":
-        raise ExportError(f"{source}: its merge_report.json says the merge did not pass verification")
+        raise ExportError(f"{source}: its {runs.MERGE_REPORT} says the merge did not pass verification")
     saved = report.get("dtype", "float32")
     if dtype is None or dtype == saved:
         for item in source.iterdir():
@@ -398,17 +192,13 @@ def _copy_merged(source: Path, stage: Path, report: Mapping[str, Any], dtype: st
         if (
             item.is_file()
             and not item.name.endswith(".safetensors")
-            and item.name
-            not in (
-                "config.json",
-                "model.safetensors.index.json",
-            )
+            and item.name not in (runs.MODEL_CONFIG, runs.SHARD_INDEX)
         ):
             shutil.copy2(item, stage / item.name)
     updated = dict(report)
     updated["dtype"] = dtype
     updated["recast_from"] = "float32"
-    runs.write_json_atomic(stage / "merge_report.json", updated)
+    runs.write_json_atomic(stage / runs.MERGE_REPORT, updated)
 
 
 def _export_onnx(stage: Path, recipe: Any, report: Mapping[str, Any], samples: int) -> dict[str, Any]:
@@ -416,23 +206,22 @@ def _export_onnx(stage: Path, recipe: Any, report: Mapping[str, Any], samples: i
     import torch
     from transformers import AutoConfig
 
-    from peftkit.merge import compare_outputs, summarise_outputs, verification_sample
-    from peftkit.modeling import load_tokenizer
-    from peftkit.tasks import TASKS
-    from peftkit.tasks.base import TaskContext
+    from peftkit.modeling import load_stack
+    from peftkit.parity import compare_outputs, summarise_outputs, verification_sample
 
     started = time.perf_counter()
-    task = TASKS[str(report["task"])]
     config = AutoConfig.from_pretrained(str(stage))
+    # the merged folder's own tokenizer and config; the weights are the merged ones, loaded below
+    stack = load_stack(
+        recipe, report.get("labels"), tokenizer_source=stage, model_config=config, with_model=False
+    )
+    task, ctx = stack.task, stack.ctx
     model = task.model_class(config).from_pretrained(str(stage), dtype=torch.float32).eval()
-    tokenizer = load_tokenizer(recipe.model, source=str(stage))
-    labels = tuple(report["labels"]) if report.get("labels") is not None else None
-    ctx = TaskContext(cfg=recipe.task, tokenizer=tokenizer, labels=labels, model_config=config)
-    sample = verification_sample(recipe, task, ctx, model, samples or 32, split="test")
+    sample = verification_sample(recipe, task, ctx, model, samples or DEFAULT_SAMPLES, split="test")
     example = sample.batches[0]
     names = [name for name in ONNX_INPUTS if name in example]
-    output_names = ["start_logits", "end_logits"] if task.name == "qa" else ["logits"]
-    path = stage / ONNX_FILE
+    output_names = list(task.onnx_outputs)
+    path = stage / runs.ONNX_FILE
     _torch_onnx_export(model, {name: example[name] for name in names}, names, output_names, path)
     export_s = time.perf_counter() - started
 
@@ -470,36 +259,6 @@ def _export_onnx(stage: Path, recipe: Any, report: Mapping[str, Any], samples: i
         )
     logger.info("ONNX parity: max |Δlogit| %.3g, agreement %.4f", check["max_abs_diff"], check["agreement"])
     return check
-
-
-def _append_onnx_card(path: Path, check: Mapping[str, Any], weights_kept: bool) -> None:
-    """Add the ONNX file, how to run it, and its parity figures to the bundle's model card."""
-    text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    inputs = ", ".join(f'"{name}": encoded["{name}"]' for name in check["inputs"])
-    section = [
-        "## ONNX",
-        "",
-        f"`{ONNX_FILE}` (opset {check.get('opset')}, inputs {', '.join(check['inputs'])}; outputs "
-        f"{', '.join(check['outputs'])}; dynamic batch and sequence axes)."
-        + ("" if weights_kept else " This bundle holds no PyTorch weights: the ONNX file carries them."),
-        "",
-        "```python",
-        "import onnxruntime",
-        "from transformers import AutoTokenizer",
-        "",
-        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
-        f'session = onnxruntime.InferenceSession("path/to/this/folder/{ONNX_FILE}")',
-        'encoded = tokenizer(["some text"], return_tensors="np")',
-        f"outputs = session.run(None, {{{inputs}}})",
-        "```",
-        "",
-        f"Parity with PyTorch on {check['sample'].get('examples')} examples of the "
-        f"{check['sample'].get('split') or 'random'} split: max abs Δlogit {check['max_abs_diff']:.3g} "
-        f"(limit {check['tolerance']:g}), prediction agreement {check['agreement']:.4f} over "
-        f"{check['predictions_compared']} predictions.",
-        "",
-    ]
-    runs.write_text_atomic(path, text.rstrip("\n") + "\n\n" + "\n".join(section))
 
 
 def _torch_onnx_export(

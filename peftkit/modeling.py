@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -186,3 +188,50 @@ def drop_gguf_marker(model: Any) -> None:
     model.quantization_method = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+
+
+@dataclass
+class Stack:
+    """What every command builds before it has a model to use: the task, its context, the base model."""
+
+    task: Task
+    ctx: TaskContext
+    model: Any  # the base model in the task's AutoModelFor* class; None when not loaded
+
+
+def load_stack(
+    recipe: Any,
+    labels: Sequence[str] | None,
+    *,
+    tokenizer: Any = None,
+    tokenizer_source: str | Path | None = None,
+    model_config: Any = None,
+    dtype: str | None = None,
+    quantized: bool = False,
+    with_model: bool = True,
+) -> Stack:
+    """Tokenizer + config + labels + :class:`TaskContext` (+ the base model) for a recipe or a saved run.
+
+    ``tokenizer`` (already loaded) or ``tokenizer_source`` (a folder that holds one, e.g. a run directory)
+    replaces the recipe's; ``model_config`` replaces the recipe's base config (a merged folder's own);
+    ``dtype`` replaces ``[model] dtype`` (merging is exact only in float32); ``quantized`` loads the base
+    under the recipe's ``[quantization]``; ``with_model=False`` stops before the weights.
+    """
+    from peftkit.tasks import TASKS
+
+    task = TASKS[recipe.task_name]
+    if tokenizer is None:
+        tokenizer = load_tokenizer(recipe.model, source=str(tokenizer_source) if tokenizer_source else None)
+    if model_config is None:
+        model_config = load_model_config(recipe.model)
+    ctx = TaskContext(
+        cfg=recipe.task,
+        tokenizer=tokenizer,
+        labels=tuple(labels) if labels is not None else None,
+        model_config=model_config,
+    )
+    if not with_model:
+        return Stack(task=task, ctx=ctx, model=None)
+    section = recipe.model if dtype is None else recipe.model.model_copy(update={"dtype": dtype})
+    model = load_model(section, task, ctx, recipe.quantization if quantized else None)
+    return Stack(task=task, ctx=ctx, model=model)

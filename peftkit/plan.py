@@ -17,7 +17,6 @@ from typing import Any
 from peftkit.adapters import METHODS
 from peftkit.recipe import Recipe
 from peftkit.tasks import TASKS
-from peftkit.tasks.base import TaskContext
 
 logger = logging.getLogger(__name__)
 
@@ -86,14 +85,12 @@ def plan_recipe(recipe: Recipe, seq_len: int | None = None) -> MemoryPlan:
 
     from peftkit.adapters import apply_adapter
     from peftkit.data import load_raw_datasets
-    from peftkit.modeling import load_model_config, load_tokenizer
+    from peftkit.modeling import load_stack
 
     task = TASKS[recipe.task_name]
-    model_config = load_model_config(recipe.model)
-    tokenizer = load_tokenizer(recipe.model)
     raw = load_raw_datasets(recipe.data, task.columns)
-    labels = task.prepare_labels(raw, recipe.task)
-    ctx = TaskContext(cfg=recipe.task, tokenizer=tokenizer, labels=labels, model_config=model_config)
+    ctx = load_stack(recipe, task.prepare_labels(raw, recipe.task), with_model=False).ctx
+    model_config = ctx.model_config
     for key, value in task.model_kwargs(ctx).items():
         setattr(model_config, key, value)
     dtype = DTYPE_BYTES.get(recipe.model.dtype, 4)

@@ -18,16 +18,22 @@ import shutil
 import socket
 import struct
 import subprocess
-import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from peftkit.errors import RunDirError
+from peftkit.outputs import (  # noqa: F401  (re-exported: the run directory's writers)
+    check_output_dir,
+    publish,
+    staging_folder,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
 
 if TYPE_CHECKING:
     from peftkit.recipe import Recipe
@@ -37,7 +43,20 @@ logger = logging.getLogger(__name__)
 RUN_META = "peftkit_run.json"
 LABELS = "labels.json"
 METRICS = "metrics.json"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+LOG_HISTORY = "log_history.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+MODEL_CONFIG = "config.json"  # the base model's config with id2label, saved beside the adapter
+TOKENIZER_CONFIG = "tokenizer_config.json"
+# a merged folder (``peftkit merge``) and a bundle (``peftkit export``)
+MERGE_REPORT = "merge_report.json"
+EXPORT_MANIFEST = "peftkit_export.json"
+SHARD_INDEX = "model.safetensors.index.json"
+MODEL_CARD = "README.md"
+ONNX_FILE = "model.onnx"
+# Files that mark a folder as something peftkit wrote, so --overwrite may replace it.
+OUTPUT_MARKERS = (MERGE_REPORT, EXPORT_MANIFEST, RUN_META)
 PICKLED_ADAPTER = "adapter_model.bin"
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -62,30 +81,6 @@ PACKAGES = (
 def is_main_process() -> bool:
     """Rank 0 of a distributed launch (or the only process). Side effects go through this."""
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def read_json(path: Path) -> Any:
@@ -121,43 +116,24 @@ def read_json_object(path: Path, required: dict[str, type | tuple[type, ...]]) -
     return data
 
 
-@contextlib.contextmanager
-def staging_dir(run_dir: Path) -> Iterator[Path]:
-    """A scratch folder inside the run directory for artifacts written by other libraries.
-
-    transformers, peft and matplotlib write files in place; writing them here first and then
-    :func:`publish` renaming each into the run directory means no reader ever sees half a file.
-    """
-    stage = run_dir / STAGING
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    try:
-        yield stage
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
-def publish(stage: Path, run_dir: Path) -> list[Path]:
-    """Move every file of ``stage`` to the same place under ``run_dir`` (one atomic rename each)."""
-    published = []
-    for source in sorted(p for p in stage.rglob("*") if p.is_file()):
-        target = run_dir / source.relative_to(stage)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(source, target)
-        published.append(target)
-    return published
+def staging_dir(run_dir: Path) -> contextlib.AbstractContextManager[Path]:
+    """A scratch folder inside the run directory; :func:`publish` moves its files into the run."""
+    return staging_folder(run_dir / STAGING)
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
     """Refuse to clobber an existing run unless asked; ``--overwrite`` removes it first."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"{run_dir}: exists and is not a folder; choose another train.output_dir")
-    has_content = run_dir.is_dir() and any(run_dir.iterdir())
-    if has_content and not (overwrite or resume):
-        raise RunDirError(
-            f"{run_dir}: a run already exists there. Nothing was changed. Use --overwrite to replace it, "
-            f"--resume to continue it, or --set train.output_dir=<new folder>"
+    if not (resume and not overwrite and run_dir.is_dir()):  # --resume continues what is there
+        check_output_dir(
+            run_dir,
+            overwrite,
+            markers=OUTPUT_MARKERS,
+            option="train.output_dir",
+            exists="a run already exists there",
+            hint="Use --overwrite to replace it, --resume to continue it, "
+            "or --set train.output_dir=<new folder>",
         )
+    has_content = run_dir.is_dir() and any(run_dir.iterdir())
     if has_content and overwrite and is_main_process():
         meta: dict[str, Any] = {}
         with contextlib.suppress(RunDirError):  # a missing or unreadable record is no reason to keep the run
@@ -204,8 +180,9 @@ def labels_record(task_name: str, labels: Any) -> dict[str, Any]:
     return {"labels": list(labels) if labels is not None else None, "task": task_name}
 
 
-def write_labels(run_dir: Path, task_name: str, labels: Any) -> None:
-    write_json_atomic(run_dir / LABELS, labels_record(task_name, labels))
+def write_labels(folder: Path, task_name: str, labels: Any) -> None:
+    """labels.json of a run, a merged folder or a combined adapter."""
+    write_json_atomic(folder / LABELS, labels_record(task_name, labels))
 
 
 def write_predictions(run_dir: Path, split: str, predictions: list[Any], references: list[Any]) -> None:
@@ -214,7 +191,7 @@ def write_predictions(run_dir: Path, split: str, predictions: list[Any], referen
         {"prediction": p, **({"reference": references[i]} if references else {})}
         for i, p in enumerate(predictions)
     ]
-    write_jsonl_atomic(run_dir / f"predictions_{split}.jsonl", records)
+    write_jsonl_atomic(run_dir / predictions_file(split), records)
 
 
 def write_completed_run(
@@ -559,36 +536,97 @@ def _check_labels_match_config(labels_path: Path, labels: tuple[str, ...] | None
         )
 
 
-def load_run(run_dir: str | os.PathLike[str], adapter_dir: str | os.PathLike[str] | None = None) -> LoadedRun:
-    """Recipe, labels, tokenizer and the adapter model, from the run directory alone."""
+def load_run(
+    run_dir: str | os.PathLike[str],
+    adapter_dir: str | os.PathLike[str] | None = None,
+    *,
+    dtype: str | None = None,
+) -> LoadedRun:
+    """Recipe, labels, tokenizer and the adapter model, from the run directory alone.
+
+    The one loader of every command that uses a trained run (predict, evaluate, merge, export, error
+    analysis). ``adapter_dir``: one of the run's checkpoints instead of its final adapter (the run need not
+    have finished). ``dtype`` replaces the recipe's ``[model] dtype`` (a merge loads the base in float32).
+    """
     from peft import PeftModel
 
-    from peftkit.errors import PeftkitError
-    from peftkit.modeling import load_model, load_model_config, load_tokenizer
-    from peftkit.recipe import load_resolved_recipe
-    from peftkit.tasks import TASKS
-    from peftkit.tasks.base import TaskContext
+    from peftkit.modeling import load_stack
 
     run_dir = Path(run_dir)
-    folder = Path(adapter_dir) if adapter_dir else run_dir
-    meta = check_complete(run_dir, Path(adapter_dir) if adapter_dir else None)
+    adapter = Path(adapter_dir) if adapter_dir else None
+    folder = adapter or run_dir
+    meta = check_complete(run_dir, adapter)
     recipe = load_resolved_recipe(run_dir)
-    task = TASKS[recipe.task_name]
+    labels = run_labels(run_dir, recipe, meta)
+    stack = load_stack(recipe, labels, tokenizer=_saved_tokenizer(recipe, folder, run_dir), dtype=dtype)
+    try:
+        model = PeftModel.from_pretrained(stack.model, str(folder))
+    except Exception as exc:  # anything failing here is a broken or mismatched adapter
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RunDirError(
+            f"{folder}: the adapter cannot be loaded ({type(exc).__name__}: {first}); re-run finetune"
+        ) from None
+    model.eval()
+    return LoadedRun(run_dir=run_dir, recipe=recipe, task=stack.task, ctx=stack.ctx, model=model, meta=meta)
+
+
+def load_resolved_recipe(run_dir: str | os.PathLike[str]) -> Any:
+    """The recipe stored in a run directory's ``peftkit_run.json`` (paths already absolute)."""
+    from peftkit.recipe import recipe_from_dict
+
+    meta_path = Path(run_dir) / RUN_META
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        raw = meta["recipe"]
+    except FileNotFoundError:
+        raise RunDirError(
+            f"{meta_path}: not found; {run_dir} is not a peftkit run directory "
+            "(pass the folder `peftkit finetune` wrote, e.g. runs/<name>)"
+        ) from None
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise RunDirError(f"{meta_path}: unreadable run metadata ({exc}); re-run finetune") from None
+    raw = {k: v for k, v in raw.items() if v is not None}
+    return recipe_from_dict(
+        raw, source=str(meta_path), base_dir=run_dir, name=meta.get("name", "run"), check_files=False
+    )
+
+
+def run_labels(run_dir: Path, recipe: Any, meta: dict[str, Any]) -> tuple[str, ...] | None:
+    """The run's labels from labels.json, checked against the saved config's id2label.
+
+    A run that never finished has no labels.json yet (it is written at the end): its checkpoints take the
+    labels from the recipe's training data, which is how finetune found them.
+    """
     labels_path = run_dir / LABELS
+    if not labels_path.is_file() and meta.get("status") != "completed":
+        from peftkit.data import load_raw_datasets
+        from peftkit.tasks import TASKS
+
+        logger.info(
+            "%s has no %s (unfinished run): reading the labels from the training data", run_dir, LABELS
+        )
+        task = TASKS[recipe.task_name]
+        return task.prepare_labels(load_raw_datasets(recipe.data, task.columns), recipe.task)
     labels_data = read_json_object(labels_path, {"labels": (list, type(None))})
     labels = tuple(labels_data["labels"]) if labels_data["labels"] is not None else None
     if labels is not None and (not labels or not all(isinstance(label, str) for label in labels)):
         raise RunDirError(f"{labels_path}: corrupted (labels must be a list of names); re-run finetune")
-    _check_labels_match_config(labels_path, labels, run_dir / "config.json")
-    # a checkpoint carries the tokenizer too; an interrupted run has it only there
-    tokenizer_dir = folder if (folder / "tokenizer_config.json").is_file() else run_dir
-    if not (tokenizer_dir / "tokenizer_config.json").is_file():
+    _check_labels_match_config(labels_path, labels, run_dir / MODEL_CONFIG)
+    return labels
+
+
+def _saved_tokenizer(recipe: Any, folder: Path, run_dir: Path) -> Any:
+    """The saved tokenizer: a checkpoint carries one too, and an interrupted run has it only there."""
+    from peftkit.errors import PeftkitError
+    from peftkit.modeling import load_tokenizer
+
+    tokenizer_dir = folder if (folder / TOKENIZER_CONFIG).is_file() else run_dir
+    if not (tokenizer_dir / TOKENIZER_CONFIG).is_file():
         raise RunDirError(
-            f"{tokenizer_dir / 'tokenizer_config.json'}: missing; the run directory is incomplete, "
-            "re-run finetune"
+            f"{tokenizer_dir / TOKENIZER_CONFIG}: missing; the run directory is incomplete, re-run finetune"
         )
     try:
-        tokenizer = load_tokenizer(recipe.model, source=str(tokenizer_dir))
+        return load_tokenizer(recipe.model, source=str(tokenizer_dir))
     except PeftkitError as exc:
         cause = exc.__context__ or exc  # the loader's own error, without its hint about model.name_or_path
         first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
@@ -596,15 +634,133 @@ def load_run(run_dir: str | os.PathLike[str], adapter_dir: str | os.PathLike[str
             f"{tokenizer_dir}: the saved tokenizer cannot be loaded ({type(cause).__name__}: {first}); "
             "re-run finetune"
         ) from None
-    model_config = load_model_config(recipe.model)
-    ctx = TaskContext(cfg=recipe.task, tokenizer=tokenizer, labels=labels, model_config=model_config)
-    base = load_model(recipe.model, task, ctx, quant=None)
+
+
+def predictions_file(split: str) -> str:
+    """The name of a split's saved predictions in the run directory."""
+    return f"predictions_{split}.jsonl"
+
+
+def read_completed(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(peftkit_run.json, metrics.json) of a run that completed, else None (missing, unreadable, unfinished).
+
+    What a workflow that re-uses finished runs (cv folds, sweep trials) asks before training one again.
+    """
     try:
-        model = PeftModel.from_pretrained(base, str(folder))
-    except Exception as exc:  # anything failing here is a broken or mismatched adapter
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RunDirError(
-            f"{folder}: the adapter cannot be loaded ({type(exc).__name__}: {first}); re-run finetune"
-        ) from None
-    model.eval()
-    return LoadedRun(run_dir=run_dir, recipe=recipe, task=task, ctx=ctx, model=model, meta=meta)
+        meta = json.loads((run_dir / RUN_META).read_text(encoding="utf-8"))
+        metrics = json.loads((run_dir / METRICS).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(meta, dict) or not isinstance(metrics, dict) or meta.get("status") != "completed":
+        return None
+    return meta, metrics
+
+
+# --- merged folders and combined adapters ---
+
+
+def merge_record(
+    loaded: LoadedRun,
+    adapter_dir: Path | None,
+    folder: Path,
+    *,
+    dtype: str,
+    max_shard_size: str,
+    verification: dict[str, Any],
+) -> dict[str, Any]:
+    """The merged folder's merge_report.json: what was merged into what, how it was saved, its checks."""
+    import time
+
+    recipe, task, ctx = loaded.recipe, loaded.task, loaded.ctx
+    adapter_config = read_json((adapter_dir or loaded.run_dir) / ADAPTER_CONFIG)
+    weights = sorted(p.name for p in folder.glob("*.safetensors"))
+    quant = recipe.quantization
+    return {
+        "status": "passed" if all(c["passed"] for c in verification["checks"]) else "failed",
+        "task": task.name,
+        "model_class": task.model_class(ctx.model_config).__name__,
+        "pipeline_task": task.pipeline_task(ctx.model_config),
+        "source_run": str(loaded.run_dir.resolve()),
+        "run_name": loaded.meta.get("name"),
+        "checkpoint": adapter_dir.name if adapter_dir is not None else None,
+        "base_model": recipe.model.name_or_path,
+        "gguf_file": recipe.model.gguf_file,
+        "adapter": {
+            key: adapter_config.get(key)
+            for key in (
+                "peft_type",
+                "r",
+                "lora_alpha",
+                "use_rslora",
+                "use_dora",
+                "target_modules",
+                "modules_to_save",
+            )
+            if key in adapter_config
+        },
+        "quantization": quant.model_dump() if quant is not None else None,
+        "merged_into": (
+            f"a freshly loaded unquantized float32 base (the adapter was trained on a {quant.bits}-bit base; "
+            "its quantized weights were never merged into)"
+            if quant is not None
+            else "the float32 base model"
+        ),
+        "dtype": dtype,
+        "merge_dtype": "float32",
+        "max_shard_size": max_shard_size,
+        "weight_files": weights,
+        "sharded": (folder / SHARD_INDEX).is_file(),
+        "labels": list(ctx.labels) if ctx.labels is not None else None,
+        "verification": verification,
+        "recipe": recipe.to_dict(),
+        "versions": package_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_combined_records(
+    folder: Path,
+    out_dir: Path,
+    recipe: Any,
+    labels: Any,
+    task_name: str,
+    adapter_config: Any,
+    *,
+    seed: int,
+    merge: dict[str, Any],
+    merged_from: list[dict[str, Any]],
+    wall_time_s: float,
+) -> dict[str, Any]:
+    """labels.json and peftkit_run.json of a combined adapter (``merge-adapters``): a completed run.
+
+    Its recipe is the first run's, with the combined LoRA adapter in ``[adapter]``. Returns the record.
+    """
+    import time
+
+    write_labels(folder, task_name, labels)
+    target_modules = adapter_config.target_modules
+    resolved = recipe.to_dict()
+    resolved["adapter"] = {
+        "method": "lora",
+        "r": int(adapter_config.r),
+        "lora_alpha": int(adapter_config.r),
+        "target_modules": sorted(target_modules) if not isinstance(target_modules, str) else target_modules,
+    }
+    resolved["train"]["output_dir"] = str(out_dir.resolve())
+    meta = {
+        "name": out_dir.name,
+        "status": "completed",
+        "kind": "merged adapters",
+        "recipe": resolved,
+        "seed": seed,
+        "labels": list(labels or []),
+        "merge": merge,
+        "merged_from": merged_from,
+        "versions": package_versions(),
+        "git_commit": git_commit(Path(__file__).parent),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "wall_time_s": round(wall_time_s, 2),
+        "error": None,
+    }
+    write_json_atomic(folder / RUN_META, meta)
+    return meta

@@ -233,13 +233,11 @@ def _recover_stale_trials(study: Any, sweep_dir: Path, metric: str) -> None:
 
 
 def _completed_value(run_dir: Path, metric: str) -> float | None:
-    try:
-        meta = json.loads((run_dir / "peftkit_run.json").read_text(encoding="utf-8"))
-        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    value = metrics.get("validation", {}).get(metric)
-    return float(value) if meta.get("status") == "completed" and isinstance(value, (int, float)) else None
+    from peftkit import runs
+
+    completed = runs.read_completed(run_dir)
+    value = completed[1].get("validation", {}).get(metric) if completed is not None else None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _run_trial(
@@ -342,7 +340,7 @@ def write_summary(
             metric: value,
         }
         row.update({p.path: trial.params.get(p.path) for p in spec.parameters})
-        metrics_path = run_dir / "metrics.json"
+        metrics_path = run_dir / runs.METRICS
         metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
         row["wall_time_s"] = metrics.get("wall_time_s")
         row["run_dir"] = str(run_dir)

@@ -78,14 +78,11 @@ def measure_step(arm: str, recipe: object, task: object, args: argparse.Namespac
     from transformers import Trainer, TrainingArguments
 
     from peftkit.adapters import apply_adapter
-    from peftkit.modeling import load_model, load_model_config, load_tokenizer
-    from peftkit.tasks.base import TaskContext
+    from peftkit.modeling import load_stack
     from peftkit.trainer import with_shuffled_length_groups
 
-    tokenizer = load_tokenizer(recipe.model)
-    config = load_model_config(recipe.model)
-    ctx = TaskContext(recipe.task, tokenizer, ("ham", "spam"), config)
-    model = load_model(recipe.model, task, ctx, recipe.quantization)
+    stack = load_stack(recipe, ("ham", "spam"), quantized=True)
+    model, tokenizer, config = stack.model, stack.ctx.tokenizer, stack.ctx.model_config
     if arm == "full":
         for p in model.parameters():
             p.requires_grad_(True)

@@ -73,7 +73,8 @@ def child(kind: str, run_dir: Path, out: Path) -> dict[str, Any]:
 
     import peftkit.data
     import peftkit.export
-    import peftkit.merge  # noqa: F401
+    import peftkit.merge
+    import peftkit.modeling  # noqa: F401
 
     imports_s = time.perf_counter() - started
     started = time.perf_counter()
@@ -91,22 +92,13 @@ def child(kind: str, run_dir: Path, out: Path) -> dict[str, Any]:
             "passed": check["passed"],
         }
     else:
-        from peftkit.merge import _run_labels
-        from peftkit.modeling import drop_gguf_marker, load_model, load_model_config, load_tokenizer
-        from peftkit.recipe import load_resolved_recipe
-        from peftkit.tasks import TASKS
-        from peftkit.tasks.base import TaskContext
+        from peftkit import runs
+        from peftkit.modeling import drop_gguf_marker, load_stack
 
-        recipe = load_resolved_recipe(run_dir)
-        task = TASKS[recipe.task_name]
-        tokenizer = load_tokenizer(recipe.model, source=str(run_dir))
-        ctx = TaskContext(
-            cfg=recipe.task,
-            tokenizer=tokenizer,
-            labels=_run_labels(run_dir, recipe, task),
-            model_config=load_model_config(recipe.model),
-        )
-        model = load_model(recipe.model.model_copy(update={"dtype": "float32"}), task, ctx)
+        recipe = runs.load_resolved_recipe(run_dir)
+        labels = runs.run_labels(run_dir, recipe, runs.read_json(run_dir / runs.RUN_META))
+        stack = load_stack(recipe, labels, tokenizer_source=run_dir, dtype="float32")
+        model, tokenizer = stack.model, stack.ctx.tokenizer
         loaded = time.perf_counter()
         drop_gguf_marker(model)  # else save_pretrained refuses a GGUF-loaded model (see peftkit.merge)
         shutil.rmtree(out, ignore_errors=True)
@@ -127,8 +119,9 @@ def child(kind: str, run_dir: Path, out: Path) -> dict[str, Any]:
 
 def train(name: str, spec: dict[str, Any], work: Path, samples: int, env: dict[str, str]) -> Path:
     run_dir = work / name.split()[0].lower()
-    meta = run_dir / "peftkit_run.json"
-    if meta.is_file() and json.loads(meta.read_text()).get("status") == "completed":
+    from peftkit import runs
+
+    if runs.read_completed(run_dir) is not None:
         return run_dir
     overrides = [*spec["overrides"](samples), f'train.output_dir="{run_dir}"', "train.report_to=[]"]
     command = [sys.executable, "-m", "peftkit", "finetune", str(spec["recipe"]), "--overwrite"]
@@ -157,20 +150,17 @@ def build_run(recipe_path: Path, run_dir: Path, overrides: list[str], steps: int
     from peftkit import runs
     from peftkit.adapters import apply_adapter
     from peftkit.data import load_raw_datasets
-    from peftkit.modeling import load_model, load_model_config, load_tokenizer
+    from peftkit.modeling import load_stack
     from peftkit.recipe import load_recipe
     from peftkit.tasks import TASKS
-    from peftkit.tasks.base import TaskContext
 
     recipe = load_recipe(recipe_path, overrides)
     task = TASKS[recipe.task_name]
     torch.manual_seed(recipe.train["seed"])
-    tokenizer = load_tokenizer(recipe.model)
-    model_config = load_model_config(recipe.model)
     raw = load_raw_datasets(recipe.data, task.columns)
-    labels = task.prepare_labels(raw, recipe.task)
-    ctx = TaskContext(cfg=recipe.task, tokenizer=tokenizer, labels=labels, model_config=model_config)
-    model = apply_adapter(load_model(recipe.model, task, ctx), recipe.adapter, task, model_config)
+    stack = load_stack(recipe, task.prepare_labels(raw, recipe.task))
+    ctx, tokenizer = stack.ctx, stack.ctx.tokenizer
+    model = apply_adapter(stack.model, recipe.adapter, task, ctx.model_config)
     collate = task.collator(ctx, model)
     batch_size = recipe.train["per_device_train_batch_size"]
     examples = raw["train"].select(range(min(len(raw["train"]), steps * batch_size))).to_dict()
@@ -187,7 +177,7 @@ def build_run(recipe_path: Path, run_dir: Path, overrides: list[str], steps: int
     run_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(run_dir))
     tokenizer.save_pretrained(str(run_dir))
-    runs.write_json_atomic(run_dir / runs.LABELS, {"labels": None, "task": task.name})
+    runs.write_labels(run_dir, task.name, None)
     runs.write_json_atomic(
         run_dir / runs.RUN_META,
         {

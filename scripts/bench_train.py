@@ -346,16 +346,14 @@ def sampler_padding(recipe_ref: str, epochs: int, mega_batch_mult: int | None = 
     for DataCollatorWithPadding, which pads each batch to its longest member. No model is run."""
     from peftkit.batching import ShuffledLengthGroupedSampler, length_grouped_batches, padding_fraction
     from peftkit.data import load_raw_datasets, tokenize_splits
-    from peftkit.modeling import load_model_config, load_tokenizer
+    from peftkit.modeling import load_stack
     from peftkit.recipe import load_recipe
     from peftkit.tasks import TASKS
-    from peftkit.tasks.base import TaskContext
 
     recipe = load_recipe(RECIPES.get(recipe_ref, recipe_ref))
     task = TASKS[recipe.task_name]
     raw = load_raw_datasets(recipe.data, task.columns)
-    labels = task.prepare_labels(raw, recipe.task)
-    ctx = TaskContext(recipe.task, load_tokenizer(recipe.model), labels, load_model_config(recipe.model))
+    ctx = load_stack(recipe, task.prepare_labels(raw, recipe.task), with_model=False).ctx
     lengths = list(tokenize_splits({"train": raw["train"]}, task, ctx)["train"]["length"])
     batch = recipe.train["per_device_train_batch_size"]
     defaults = length_grouped_batches.__defaults__

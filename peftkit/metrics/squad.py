@@ -47,7 +47,7 @@ def f1_score(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _scorable_golds(golds: Sequence[str]) -> list[str]:
+def scorable_golds(golds: Sequence[str]) -> list[str]:
     """Gold answers that survive normalisation; none left means the question counts as unanswerable."""
     kept = [gold for gold in golds if normalize_answer(gold)]
     return kept or [""]
@@ -72,7 +72,7 @@ def squad_metrics(
     exact: list[float] = []
     f1: list[float] = []
     for prediction, golds in zip(predictions, references, strict=True):
-        scorable = _scorable_golds(golds)
+        scorable = scorable_golds(golds)
         exact.append(max(exact_match_score(prediction, gold) for gold in scorable))
         f1.append(max(f1_score(prediction, gold) for gold in scorable))
     out = {"exact_match": 100.0 * sum(exact) / len(exact), "f1": 100.0 * sum(f1) / len(f1)}

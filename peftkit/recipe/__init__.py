@@ -331,27 +331,6 @@ def recipe_from_dict(
     )
 
 
-def load_resolved_recipe(run_dir: str | os.PathLike[str]) -> Recipe:
-    """The recipe stored in a run directory's ``peftkit_run.json`` (paths already absolute)."""
-    from peftkit.errors import RunDirError
-
-    meta_path = Path(run_dir) / "peftkit_run.json"
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        raw = meta["recipe"]
-    except FileNotFoundError:
-        raise RunDirError(
-            f"{meta_path}: not found; {run_dir} is not a peftkit run directory "
-            "(pass the folder `peftkit finetune` wrote, e.g. runs/<name>)"
-        ) from None
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise RunDirError(f"{meta_path}: unreadable run metadata ({exc}); re-run finetune") from None
-    raw = {k: v for k, v in raw.items() if v is not None}
-    return recipe_from_dict(
-        raw, source=str(meta_path), base_dir=run_dir, name=meta.get("name", "run"), check_files=False
-    )
-
-
 def apply_override(data: dict[str, Any], override: str) -> Problem | None:
     """Apply ``table.key=value`` (value parsed as a TOML value, else taken as a string)."""
     if "=" not in override:

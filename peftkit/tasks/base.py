@@ -52,6 +52,14 @@ class TaskContext:
         return {name: i for i, name in enumerate(self.labels or ())}
 
 
+def _no_pipeline(model_config: Any) -> str | None:
+    return None
+
+
+def _no_detail_metrics(key: str) -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class Task:
     """One task family. Every field is data or a plain function; there is no behaviour here."""
@@ -84,6 +92,24 @@ class Task:
     training_args_class: Callable[[], Any] | None = None
     # cfg -> (metric, greater_is_better) when the primary metric depends on the config (regression)
     primary_metric_for: Callable[[Any], tuple[str, bool]] | None = None
+    # What other modules need to know about the task (model cards, merge, export, error analysis, cv):
+    # the task in words, as in "fine-tuned for <title>"
+    title: str = ""
+    # model_config -> the transformers ``pipeline()`` task that runs a merged model, None where there is none
+    pipeline_task: Callable[[Any], str | None] = _no_pipeline
+    # a line for the model card's usage example (a ``#`` comment), when the task needs one
+    usage_note: str = ""
+    # the output names of the merged model's ONNX graph; () when the task is not exported to ONNX
+    onnx_outputs: tuple[str, ...] = ()
+    # the canonical columns ``predict`` reads from an input record
+    input_columns: tuple[str, ...] = ()
+    # (record, predicted, ctx) -> one example's reference, prediction and score for error analysis, with a
+    # "_rank" key that sorts the worst example first; None when the task has no error analysis
+    score_example: Callable[[dict[str, Any], dict[str, Any], TaskContext], dict[str, Any]] | None = None
+    # metric key -> True for a per-class or per-type detail (kept out of comparison tables)
+    is_detail_metric: Callable[[str], bool] = _no_detail_metrics
+    # the column that cross-validation folds are stratified on (None: plain K-fold)
+    stratify_column: str | None = None
 
     def best_metric(self, cfg: Any) -> tuple[str, bool]:
         """The metric that picks the best checkpoint, and whether greater is better."""

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from peftkit.errors import DataError
-from peftkit.metrics.squad import squad_metrics
+from peftkit.metrics.squad import f1_score, scorable_golds, squad_metrics
 from peftkit.tasks.base import Task, TaskConfig, TaskContext
 
 logger = logging.getLogger(__name__)
@@ -558,6 +558,27 @@ def _model_class(model_config: Any) -> Any:
     return AutoModelForQuestionAnswering
 
 
+def score_example(record: dict[str, Any], predicted: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    """Error analysis: per-question F1 against the best gold answer (SQuAD normalisation)."""
+    golds = list((record.get("answers") or {}).get("text") or [])
+    answer = str(predicted["prediction"])
+    score = max(f1_score(answer, gold) for gold in scorable_golds(golds))
+    return {
+        "id": record.get("id"),
+        "question": record["question"],
+        "context": record["context"],
+        "reference": golds,
+        "prediction": answer,
+        "f1": score,
+        "_rank": (score,),
+    }
+
+
+def is_detail_metric(key: str) -> bool:
+    """The SQuAD v2.0 split scores (``HasAns_exact``, ``NoAns_f1``, ``HasAns_total``, ...)."""
+    return key.endswith(("_exact", "_f1", "_total"))
+
+
 TASK = Task(
     name="qa",
     description="extractive question answering (SQuAD v1.1; v2.0 unanswerable questions with "
@@ -578,4 +599,10 @@ TASK = Task(
     compute_metrics=compute_metrics,
     predict=predict,
     primary_metric="f1",
+    title="extractive question answering",
+    usage_note="# transformers 5 has no question-answering pipeline: `peftkit predict` decodes spans",
+    onnx_outputs=("start_logits", "end_logits"),
+    input_columns=("id", "question", "context"),
+    score_example=score_example,
+    is_detail_metric=is_detail_metric,
 )

@@ -682,6 +682,26 @@ def _best_metric(cfg: Seq2SeqConfig) -> tuple[str, bool]:
     return ("rougeL" if first == "rouge" else first), True
 
 
+def score_example(record: dict[str, Any], predicted: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    """Error analysis: sentence chrF, lowest first."""
+    from sacrebleu.metrics import CHRF
+
+    reference, prediction = str(record["target"]), str(predicted["prediction"])
+    score = float(CHRF().sentence_score(prediction, [reference]).score)
+    return {
+        "source": record["source"],
+        "reference": reference,
+        "prediction": prediction,
+        "chrf": score,
+        "_rank": (score,),
+    }
+
+
+def _pipeline_task(model_config: Any) -> str | None:
+    # decoder-only; encoder-decoder models have no pipeline in transformers 5
+    return None if is_encoder_decoder(model_config) else "text-generation"
+
+
 TASK = Task(
     name="seq2seq",
     description="text to text (summarisation, translation) with encoder-decoder or decoder-only models",
@@ -702,4 +722,8 @@ TASK = Task(
     primary_metric_for=_best_metric,
     trainer_class=_trainer_class,
     training_args_class=_training_args_class,
+    title="text-to-text generation",
+    pipeline_task=_pipeline_task,
+    input_columns=("source",),
+    score_example=score_example,
 )

@@ -275,6 +275,40 @@ def _best_metric(cfg: SeqClsConfig) -> tuple[str, bool]:
     return ("pearson", True) if cfg.is_regression else ("f1_macro", True)
 
 
+def score_example(record: dict[str, Any], predicted: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    """Error analysis: misclassified first, then by the true class's probability; regression: abs error."""
+    inputs: dict[str, Any] = {k: record[k] for k in ("text", "text_pair") if k in record}
+    if ctx.labels is None:
+        value = float(record["label"])
+        error = abs(predicted["prediction"] - value)
+        return {
+            **inputs,
+            "reference": value,
+            "prediction": predicted["prediction"],
+            "abs_error": error,
+            "_rank": (-error,),
+        }
+    reference = ctx.labels[int(_label_id(record["label"], ctx))]
+    true_probability = float(predicted["scores"][reference])
+    wrong = predicted["prediction"] != reference
+    return {
+        **inputs,
+        "reference": reference,
+        "prediction": predicted["prediction"],
+        "correct": not wrong,
+        "true_class_probability": true_probability,
+        "scores": predicted["scores"],
+        "_rank": (not wrong, true_probability),
+    }
+
+
+def is_detail_metric(key: str) -> bool:
+    """Per-class scores (``precision_<label>``, ``f1_<label>``, ...), not the headline ones."""
+    return key.startswith(("precision_", "recall_", "support_")) or (
+        key.startswith("f1_") and key != "f1_macro"
+    )
+
+
 TASK = Task(
     name="seq_cls",
     description="sequence classification (single text or pairs; regression with num_labels = 1)",
@@ -292,4 +326,11 @@ TASK = Task(
     predict=predict,
     primary_metric="f1_macro",
     primary_metric_for=_best_metric,
+    title="sequence classification",
+    pipeline_task=lambda model_config: "text-classification",
+    onnx_outputs=("logits",),
+    input_columns=("text", "text_pair"),
+    score_example=score_example,
+    is_detail_metric=is_detail_metric,
+    stratify_column="label",
 )

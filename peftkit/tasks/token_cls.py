@@ -636,6 +636,35 @@ def _model_class(model_config: Any) -> Any:
     return AutoModelForTokenClassification
 
 
+def score_example(record: dict[str, Any], predicted: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    """Error analysis: per-sentence entity F1 (IOB2/IOBES) or word accuracy, lowest first, then most wrong."""
+    reference = _example_tags(record["tags"], ctx)
+    prediction = list(predicted["prediction"])
+    wrong = sum(g != p for g, p in zip(reference, prediction, strict=True))
+    scheme = resolve_scheme(ctx.cfg.scheme, ctx.labels or ())
+    if scheme == "none":
+        score_name, score = "accuracy", 1 - wrong / len(reference) if reference else 1.0
+    else:
+        gold = set(decode_entities(reference, scheme))
+        found = set(decode_entities(prediction, scheme))
+        hits = len(gold & found)
+        score_name = "f1"
+        score = 1.0 if not gold and not found else 2 * hits / (len(gold) + len(found))
+    return {
+        "tokens": record["tokens"],
+        "reference": reference,
+        "prediction": prediction,
+        "wrong_words": wrong,
+        score_name: score,
+        "_rank": (score, -wrong),
+    }
+
+
+def is_detail_metric(key: str) -> bool:
+    """Per-entity-type scores (``<TYPE>_precision``, ``<TYPE>_f1``, ...)."""
+    return key.endswith(("_precision", "_recall", "_f1", "_support"))
+
+
 TASK = Task(
     name="token_cls",
     description="token classification (NER with IOB2/IOBES tags, POS tagging): one tag per word",
@@ -652,4 +681,10 @@ TASK = Task(
     compute_metrics=compute_metrics,
     predict=predict,
     primary_metric="f1",
+    title="token classification",
+    pipeline_task=lambda model_config: "token-classification",
+    onnx_outputs=("logits",),
+    input_columns=("tokens",),
+    score_example=score_example,
+    is_detail_metric=is_detail_metric,
 )

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from peftkit.merge import COMBINATIONS, MergeError, merge_adapters
+from peftkit.combine import COMBINATIONS, merge_adapters
+from peftkit.merge import MergeError
 from tests.integration.test_merge_tasks import train_seq_cls
 
 

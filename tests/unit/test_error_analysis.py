@@ -6,13 +6,15 @@ from typing import Any
 
 import pytest
 
-from peftkit.error_analysis import SCORERS
+from peftkit.tasks import TASKS
 from peftkit.tasks.base import TaskContext
 from peftkit.tasks.token_cls import TokenClsConfig
 
 
 def rank(task: str, pairs: list[tuple[dict[str, Any], dict[str, Any]]], ctx: Any) -> list[dict[str, Any]]:
-    scored = [SCORERS[task](record, predicted, ctx) for record, predicted in pairs]
+    score = TASKS[task].score_example
+    assert score is not None
+    scored = [score(record, predicted, ctx) for record, predicted in pairs]
     return sorted(scored, key=lambda e: e["_rank"])
 
 

@@ -1,25 +1,24 @@
-"""Pure parts of peftkit.merge and peftkit.export: output safety, checkpoints, comparisons, padding, cards."""
+"""Pure parts of merge, export and their helpers: output safety, checkpoints, comparisons, padding, cards."""
 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from peftkit import outputs, runs
+from peftkit.combine import check_density, combine_weights, head_weights
 from peftkit.errors import RunDirError
-from peftkit.merge import (
-    MergeError,
-    check_density,
-    check_output_dir,
-    combine_weights,
-    compare_outputs,
-    head_weights,
-    resolve_adapter,
-    staged_output,
-    summarise_outputs,
-)
+from peftkit.merge import MergeError, resolve_adapter
+from peftkit.outputs import OutputError
+from peftkit.parity import compare_outputs, summarise_outputs
+
+# the rule and the staging every peftkit output folder uses, with the files that mark peftkit's outputs
+check_output_dir = partial(outputs.check_output_dir, markers=runs.OUTPUT_MARKERS)
+staged_output = partial(outputs.staged_output, markers=runs.OUTPUT_MARKERS)
 
 # --------------------------------------------------------------------------------------------------
 # Output folders
@@ -41,10 +40,10 @@ def test_overwrite_never_replaces_a_folder_peftkit_did_not_write(tmp_path: Path)
     precious = tmp_path / "home"
     precious.mkdir()
     (precious / "thesis.tex").write_text("years of work")
-    with pytest.raises(MergeError, match="was not written by peftkit"):
+    with pytest.raises(OutputError, match="was not written by peftkit"):
         check_output_dir(precious, overwrite=True)
     (tmp_path / "file").write_text("x")
-    with pytest.raises(MergeError, match="is a file"):
+    with pytest.raises(OutputError, match="is a file"):
         check_output_dir(tmp_path / "file", overwrite=True)
 
 
@@ -52,7 +51,7 @@ def test_output_inside_or_equal_to_an_input_is_refused(tmp_path: Path) -> None:
     run = tmp_path / "runs" / "a"
     run.mkdir(parents=True)
     for out in (run, tmp_path / "runs", tmp_path):
-        with pytest.raises(MergeError, match="an input of this command"):
+        with pytest.raises(OutputError, match="an input of this command"):
             check_output_dir(out, overwrite=True, inputs=[run])
     check_output_dir(run / "merged", overwrite=False, inputs=[run])  # inside the run is fine
 
@@ -230,7 +229,7 @@ def test_zero_padding_keeps_every_update(tmp_path: Path) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from peftkit.merge import _harmonise_ranks, _lora_layers
+    from peftkit.combine import _harmonise_ranks, _lora_layers
 
     torch.manual_seed(0)
     base = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
@@ -260,7 +259,7 @@ def test_onnx_is_refused_for_generation_tasks(tmp_path: Path) -> None:
 
 
 def test_model_card_states_the_merge_and_its_checks() -> None:
-    from peftkit.export import model_card
+    from peftkit.card import model_card
 
     report = {
         "task": "seq_cls",

@@ -287,6 +287,38 @@ def test_overwrite_refuses_a_run_a_live_process_is_training(tmp_path: Path) -> N
     assert not any(garbled.iterdir())
 
 
+def test_overwrite_never_removes_a_folder_peftkit_did_not_write(tmp_path: Path) -> None:
+    """train.output_dir follows the rule of merge and export outputs: --overwrite replaces peftkit's only."""
+    from peftkit.outputs import OutputError
+
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(OutputError, match=r"was not written by peftkit.*choose another train.output_dir"):
+        runs.prepare_run_dir(precious, overwrite=True, resume=False)
+    with pytest.raises(RunDirError, match=r"a run already exists there\. Nothing was changed"):
+        runs.prepare_run_dir(precious, overwrite=False, resume=False)
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match=r"train.output_dir .*: exists and is a file"):
+        runs.prepare_run_dir(tmp_path / "file", overwrite=False, resume=True)
+    runs.prepare_run_dir(precious, overwrite=False, resume=True)  # --resume keeps what is there
+    assert (precious / "thesis.tex").is_file()
+
+
+def test_completed_runs_are_told_from_unfinished_and_broken_ones(tmp_path: Path) -> None:
+    done = make_run(tmp_path / "d")
+    (done / runs.METRICS).write_text(json.dumps({"validation": {"f1": 0.5}}))
+    completed = runs.read_completed(done)
+    assert completed is not None and completed[1] == {"validation": {"f1": 0.5}}
+    running = make_run(tmp_path / "r", status="running")
+    (running / runs.METRICS).write_text("{}")
+    assert runs.read_completed(running) is None
+    (done / runs.METRICS).write_text("{cut sho")
+    assert runs.read_completed(done) is None
+    assert runs.read_completed(tmp_path / "nothing") is None
+
+
 def test_resume_refuses_checkpoints_without_optimizer_state(tmp_path: Path) -> None:
     from peftkit.lifecycle import resume_checkpoint
     from peftkit.recipe import recipe_from_dict

@@ -1,0 +1,141 @@
+"""Writing outputs safely: atomic files, staging folders, and the one refuse-to-overwrite rule.
+
+Every folder peftkit writes (a run directory, a merged model, a bundle, a combined adapter) follows the
+same two rules:
+
+- :func:`check_output_dir`: an output that already holds files is replaced only with ``--overwrite``, and
+  only when peftkit wrote it (it holds one of the caller's marker files) or it is empty, so that a mistyped
+  ``--out ~`` cannot delete a home folder; an output never swallows one of the command's inputs.
+- :func:`staging_folder`: files are written to a scratch folder first and renamed into place when the step
+  succeeded; a failed or interrupted step leaves nothing that looks complete. A new output is swapped in as
+  a whole folder (:func:`staged_output`); a run directory, which already holds checkpoints, gets the staged
+  files one atomic rename each (:func:`publish`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from peftkit.errors import OutputError, RunDirError
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def check_output_dir(
+    out: Path,
+    overwrite: bool,
+    *,
+    markers: Sequence[str],
+    inputs: Sequence[Path] = (),
+    option: str = "--out",
+    exists: str = "already exists",
+    hint: str = "Use --overwrite to replace it, or choose another --out",
+) -> None:
+    """Refuse an output that exists (unless ``overwrite``), is a file, or would swallow an input folder.
+
+    ``overwrite`` replaces only folders that hold one of ``markers`` (files peftkit writes) or empty ones.
+    ``option`` names the setting that chose ``out`` in the messages; ``exists`` and ``hint`` word the
+    refusal of an existing output.
+    """
+    target = out.resolve()
+    for folder in inputs:
+        source = folder.resolve()
+        if target == source or target in source.parents:
+            raise OutputError(
+                f"{option} {out}: that would replace {folder}, an input of this command; "
+                "choose a folder outside it"
+            )
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputError(f"{option} {out}: exists and is a file; choose another {option}")
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise RunDirError(f"{out}: {exists}. Nothing was changed. {hint}")
+    if not any((out / marker).is_file() for marker in markers):
+        raise OutputError(
+            f"{out}: exists and was not written by peftkit (no {' / '.join(markers)}); --overwrite "
+            f"only replaces peftkit outputs. Remove it yourself or choose another {option}"
+        )
+
+
+@contextlib.contextmanager
+def staging_folder(stage: Path) -> Iterator[Path]:
+    """A fresh scratch folder at ``stage``, removed when the block ends, whatever happened in it.
+
+    transformers, peft and matplotlib write files in place; writing them here first and then renaming them
+    into place (:func:`publish`, :func:`staged_output`) means no reader ever sees half a file.
+    """
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def publish(stage: Path, target: Path) -> list[Path]:
+    """Move every file of ``stage`` to the same place under ``target`` (one atomic rename each)."""
+    published = []
+    for source in sorted(p for p in stage.rglob("*") if p.is_file()):
+        destination = target / source.relative_to(stage)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, destination)
+        published.append(destination)
+    return published
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, overwrite: bool, *, markers: Sequence[str]) -> Iterator[Path]:
+    """A hidden folder beside ``out``; renamed to ``out`` when the block succeeds, deleted when it fails.
+
+    A step killed midway leaves only ``.<name>.partial-*``, never a half-written folder at ``out``. An old
+    output is replaced only under :func:`check_output_dir`'s rule, checked again at the end.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with staging_folder(out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}") as stage:
+        yield stage
+        # files written through temporary files are private (0600); an output folder is meant to be shared
+        file_mode = stage.stat().st_mode & 0o666
+        for path in stage.rglob("*"):
+            if path.is_file():
+                path.chmod(file_mode)
+        check_output_dir(out, overwrite, markers=markers)  # again: something may have appeared meanwhile
+        if out.exists():
+            replaced = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
+            os.replace(out, replaced)
+            os.replace(stage, out)
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            os.replace(stage, out)
