@@ -19,6 +19,34 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class VersionLimit:
+    """Tasks a method cannot train with a range of released library versions: refused at validation, naming
+    the versions, until a release fixes it (docs/dependencies.md). ``transformers`` and ``peft`` are version
+    specifiers the breakage holds for; both must match."""
+
+    tasks: frozenset[str]
+    transformers: str
+    peft: str
+    why: str
+    fix: str
+
+    def problem(self, task: str, versions: dict[str, str | None]) -> str | None:
+        """The refusal for ``task`` under ``versions`` (package → installed version), or None."""
+        from packaging.specifiers import SpecifierSet
+
+        if task not in self.tasks:
+            return None
+        installed = {name: versions.get(name) for name in ("transformers", "peft")}
+        specs = {"transformers": self.transformers, "peft": self.peft}
+        if any(
+            v is None or not SpecifierSet(specs[n]).contains(v, prereleases=True)
+            for n, v in installed.items()
+        ):
+            return None
+        return f"transformers {installed['transformers']} and peft {installed['peft']}: {self.why}"
+
+
+@dataclass(frozen=True)
 class AdapterMethod:
     """One ``[adapter] method``: its peft names and what peftkit lets it do."""
 
@@ -33,9 +61,41 @@ class AdapterMethod:
     low_rank: bool = False  # LoRA-style A·B matrices: alpha/dropout/rank aliases; plan models them
     mergeable: bool = True  # has weight deltas to merge (prompt learning adds virtual tokens instead)
     quantized_base: bool = True  # trains on a 4/8-bit base ([quantization])
+    version_limits: tuple[VersionLimit, ...] = ()
+
+    def version_problem(
+        self, task: str, versions: dict[str, str | None] | None = None
+    ) -> tuple[str, str] | None:
+        """(problem, fix) when the installed (or given) library versions cannot train it for ``task``."""
+        if versions is None:
+            from importlib import metadata
+
+            versions = {}
+            for name in ("transformers", "peft"):
+                try:
+                    versions[name] = metadata.version(name)
+                except metadata.PackageNotFoundError:
+                    versions[name] = None
+        for limit in self.version_limits:
+            problem = limit.problem(task, versions)
+            if problem:
+                return problem, limit.fix
+        return None
 
 
 PROMPT_TASKS = frozenset({"seq_cls", "seq2seq"})
+# transformers 5.24 renamed the models' `past_key_values` argument to `cache` (still accepted under the old
+# name until 5.40); peft 0.21.2's prefix-tuning forward for classifiers looks for `past_key_values` in the
+# model's signature and raises "Model does not support past key values" at the first step.
+PREFIX_TUNING_CACHE_RENAME = VersionLimit(
+    tasks=frozenset({"seq_cls"}),
+    transformers=">=5.24",
+    peft="<=0.21.2",
+    why="transformers 5.24 renamed the models' `past_key_values` argument to `cache`, and this peft's "
+    "prefix-tuning classifier still looks for `past_key_values`, so training fails at the first step",
+    fix="use method = 'prompt_tuning' or 'p_tuning' (or 'lora'), or install transformers<5.24 "
+    "(docs/dependencies.md)",
+)
 METHODS: dict[str, AdapterMethod] = {
     method.name: method
     for method in (
@@ -54,11 +114,18 @@ METHODS: dict[str, AdapterMethod] = {
                 wraps_layers=False,
                 mergeable=False,
                 quantized_base=False,
+                version_limits=limits,
             )
-            for name, config, peft_type, display in (
-                ("prefix_tuning", "PrefixTuningConfig", "PREFIX_TUNING", "prefix tuning"),
-                ("prompt_tuning", "PromptTuningConfig", "PROMPT_TUNING", "prompt tuning"),
-                ("p_tuning", "PromptEncoderConfig", "P_TUNING", "P-tuning"),
+            for name, config, peft_type, display, limits in (
+                (
+                    "prefix_tuning",
+                    "PrefixTuningConfig",
+                    "PREFIX_TUNING",
+                    "prefix tuning",
+                    (PREFIX_TUNING_CACHE_RENAME,),
+                ),
+                ("prompt_tuning", "PromptTuningConfig", "PROMPT_TUNING", "prompt tuning", ()),
+                ("p_tuning", "PromptEncoderConfig", "P_TUNING", "P-tuning", ()),
             )
         ),
     )

@@ -332,7 +332,7 @@ def _manifest(
         "merge_verification": report.get("verification"),
         "onnx": dict(onnx_report) if onnx_report is not None else None,
         "files": files,
-        "versions": runs.package_versions(),
+        **runs.stack_record(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "wall_time_s": round(elapsed, 2),
     }

@@ -88,7 +88,10 @@ def load_tokenizer(section: ModelSection, source: str | None = None) -> Any:
 
 
 def quantization_config(quant: QuantizationSection, keep_out: list[str]) -> Any:
-    """``[quantization]`` → ``BitsAndBytesConfig``; task heads stay out of quantization (see STACK-NOTES)."""
+    """``[quantization]`` → ``BitsAndBytesConfig``; task heads stay out of quantization.
+
+    bitsandbytes' CPU kernels assert on a 4-bit head and fail on an 8-bit one (docs/stack-notes.md,
+    "bitsandbytes on CPU")."""
     import torch
     from transformers import BitsAndBytesConfig
 

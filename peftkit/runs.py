@@ -143,6 +143,14 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+def stack_record() -> dict[str, Any]:
+    """The stack a record was written with: ``versions`` of peftkit's main packages, and every package that
+    differs from requirements.lock (``lock_differences``: name → installed/locked; empty when none does)."""
+    from peftkit.lock import lock_differences
+
+    return {"versions": package_versions(), "lock_differences": lock_differences()}
+
+
 def package_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {}
     for name in PACKAGES:
@@ -164,7 +172,7 @@ def run_meta(recipe: Recipe, status: str) -> dict[str, Any]:
         "recipe_source": str(Path(recipe.source).resolve()) if recipe.source != "<dict>" else recipe.source,
         "recipe": recipe.to_dict(),
         "seed": recipe.train["seed"],
-        "versions": package_versions(),
+        **stack_record(),
         "git_commit": git_commit(Path(__file__).parent),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **process_fields(),
@@ -713,7 +721,7 @@ def merge_record(
         "labels": list(ctx.labels) if ctx.labels is not None else None,
         "verification": verification,
         "recipe": recipe.to_dict(),
-        "versions": package_versions(),
+        **stack_record(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -756,7 +764,7 @@ def write_combined_records(
         "labels": list(labels or []),
         "merge": merge,
         "merged_from": merged_from,
-        "versions": package_versions(),
+        **stack_record(),
         "git_commit": git_commit(Path(__file__).parent),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "wall_time_s": round(wall_time_s, 2),

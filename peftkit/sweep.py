@@ -111,7 +111,8 @@ def run_sweep(
         direction = "maximize" if task_greater else "minimize"
     else:
         direction = "minimize" if LOWER_IS_BETTER.search(metric) else "maximize"
-    trial_overrides = list(overrides)
+    # `--set sweep.*` is already in `spec`; a trial's recipe has no [sweep] table to apply it to
+    trial_overrides = [o for o in overrides if not o.strip().startswith("sweep.")]
     if spec.metric and "metric_for_best_model" not in raw.get("train", {}):
         # each trial keeps the checkpoint that is best by the metric the sweep optimizes
         trial_overrides += [

@@ -719,6 +719,13 @@ def _check_combinations(
                     f"use it with {' or '.join(sorted(supported))}, or use method = 'lora' for {task_type}",
                 )
             )
+        elif method in METHODS and (limited := METHODS[method].version_problem(task_type)):
+            problem, fix = limited
+            problems.append(
+                Problem(
+                    "adapter.method", f"{method!r} cannot train a {task_type!r} model with {problem}", fix
+                )
+            )
     if train is not None:
         optim = str(train.get("optim", ""))
         if ("8bit" in optim or "bnb" in optim or optim.startswith("paged_")) and not _installed(

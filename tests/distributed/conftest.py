@@ -1,7 +1,7 @@
 """Fixtures for multi-process runs on CPU: launcher environment, compile cache, a dropout-free MiniLM.
 
 Every launch here is a real launcher (torchrun, deepspeed, accelerate) starting 2 processes with 1 thread
-each (the CI machine has 2 cores; STACK-NOTES: OMP_NUM_THREADS = cores ÷ processes).
+each (the CI machine has 2 cores; OMP_NUM_THREADS = cores ÷ processes: docs/stack-notes.md).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ SAMPLE = (
 
 
 def launch_env() -> dict[str, str]:
-    """The environment a CPU launch needs (STACK-NOTES, multi-process on CPU)."""
+    """The environment a CPU launch needs (docs/stack-notes.md, "Launching on CPU")."""
     bin_dir = str(Path(sys.executable).parent)
     return {
         **os.environ,

@@ -90,6 +90,9 @@ def test_run_directory_has_every_artifact(trained: tuple[Path, Path]) -> None:
     meta = json.loads((run / "peftkit_run.json").read_text())
     assert meta["status"] == "completed" and meta["seed"] == 42
     assert meta["versions"]["torch"] and meta["versions"]["peft"]
+    from peftkit.lock import lock_differences
+
+    assert meta["lock_differences"] == lock_differences()  # {} on the locked stack; else each package named
     assert meta["recipe"]["adapter"] == {"method": "lora", "r": 4, "lora_alpha": 8}
     assert set(meta["data"]) == {"train", "validation", "test"}
     adapter = json.loads((run / "adapter_config.json").read_text())

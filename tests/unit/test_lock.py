@@ -72,3 +72,13 @@ def test_env_check_lock_fails_on_a_differing_version(tmp_path: Path, monkeypatch
     result = invoke_cli("env", "--check-lock")
     assert result.exit_code == 0, result.output
     assert "all 1 packages as in requirements.lock" in result.output
+
+
+def test_records_name_the_lock_differences(monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftkit import runs
+
+    planted = {"transformers": {"installed": "5.25.0", "locked": "5.24.0"}}
+    monkeypatch.setattr(lock, "lock_differences", lambda: planted)
+    record = runs.stack_record()
+    assert record["lock_differences"] == planted
+    assert record["versions"]["transformers"]
