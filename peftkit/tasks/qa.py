@@ -364,6 +364,22 @@ def _best_span(
     return float(scores[best]), int(top_starts[best[0]]), int(top_ends[best[1]])
 
 
+def decode_answers(
+    cfg: QAConfig, examples: Any, features: Any, start_logits: Any, end_logits: Any
+) -> list[QAPrediction]:
+    """The best answer per example under the task's decoding settings (``[task]`` n-best, length, v2)."""
+    return postprocess_qa_predictions(
+        examples,
+        features,
+        start_logits,
+        end_logits,
+        n_best_size=cfg.n_best_size,
+        max_answer_length=cfg.max_answer_length,
+        version_2_with_negative=cfg.version_2_with_negative,
+        null_score_diff_threshold=cfg.null_score_diff_threshold,
+    )
+
+
 def postprocess_qa_predictions(
     examples: Any,
     features: Any,
@@ -467,16 +483,7 @@ def postprocess(
     """Answer strings per example, and the gold answer texts per example ([] for unanswerable)."""
     cfg: QAConfig = ctx.cfg
     start_logits, end_logits = _start_end_logits(eval_prediction.predictions)
-    decoded = postprocess_qa_predictions(
-        examples,
-        features,
-        start_logits,
-        end_logits,
-        n_best_size=cfg.n_best_size,
-        max_answer_length=cfg.max_answer_length,
-        version_2_with_negative=cfg.version_2_with_negative,
-        null_score_diff_threshold=cfg.null_score_diff_threshold,
-    )
+    decoded = decode_answers(cfg, examples, features, start_logits, end_logits)
     answers = _column(examples, "answers")
     ids = [str(i) for i in examples["id"]]
     references = (
@@ -539,16 +546,7 @@ def predict(model: Any, ctx: TaskContext, records: list[dict[str, Any]]) -> list
                 end_logits.extend(outputs.end_logits.float().cpu().numpy())
     finally:
         model.train(was_training)
-    decoded = postprocess_qa_predictions(
-        examples,
-        features,
-        start_logits,
-        end_logits,
-        n_best_size=cfg.n_best_size,
-        max_answer_length=cfg.max_answer_length,
-        version_2_with_negative=cfg.version_2_with_negative,
-        null_score_diff_threshold=cfg.null_score_diff_threshold,
-    )
+    decoded = decode_answers(cfg, examples, features, start_logits, end_logits)
     return [{"prediction": d.text, "start": d.start, "end": d.end, "score": d.score} for d in decoded]
 
 
