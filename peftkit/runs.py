@@ -1,4 +1,4 @@
-"""The run directory: its layout, atomic writes, status, and reloading a trained run.
+"""The run directory: its layout, records, status, integrity checks, and reloading a trained run.
 
 Layout (DESIGN.md)::
 
