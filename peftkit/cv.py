@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import PeftkitError
+from peftkit.outputs import check_output_dir
 from peftkit.recipe import Recipe, recipe_from_dict
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,8 @@ def run_cv(
 
     cv_dir = (Path(out_dir) if out_dir else cv_dir_for(recipe)).resolve()
     if overwrite and cv_dir.exists():
+        # only a folder a cv wrote (a summary, or a first fold's run record) is replaced
+        check_output_dir(cv_dir, True, markers=(CV_SUMMARY, f"fold-1/{runs.RUN_META}"))
         shutil.rmtree(cv_dir)
     cv_dir.mkdir(parents=True, exist_ok=True)
     fold_dirs: list[Path] = []

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import PeftkitError, did_you_mean
+from peftkit.outputs import check_output_dir
 from peftkit.recipe import apply_override, load_recipe, recipe_from_dict
 from peftkit.recipe.sweep_table import Parameter, SweepSpec, override_text, parse_sweep_table
 from peftkit.recipe.toml_writer import to_toml
@@ -123,6 +124,7 @@ def run_sweep(
     sweep_dir = Path(out_dir) if out_dir else sweep_dir_for(recipe)
     sweep_dir = sweep_dir.resolve()
     if overwrite and sweep_dir.exists():
+        check_output_dir(sweep_dir, True, markers=(SWEEP_RECORD, "optuna.db"))  # only a sweep's folder
         shutil.rmtree(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     record = {
