@@ -14,7 +14,8 @@ Parts (each independent: one that fails is reported with its error and the other
 - ``plan_vs_measured_1b``: ``peftkit plan`` (CUDA model) against ``torch.cuda.max_memory_allocated`` of one
   training step on a randomly initialised Llama-3.2-1B-shaped model built from a config (no download), for
   LoRA, LoRA + checkpointing and QLoRA at three batch x length shapes: plan's error per arm and shape;
-- ``mfu_lora_1b``: useful FLOP/s of a LoRA step on that model ÷ a bf16 matmul ceiling measured in this process;
+- ``mfu_lora_1b``: useful FLOP/s of a LoRA step on that model ÷ a bf16 matmul ceiling measured in the same
+  process;
 - ``deepspeed_zero2`` / ``deepspeed_zero3``: a single-process DeepSpeed run of the default recipe; the saved
   adapter is checked whole (every LoRA pair and the head, no empty tensor) and non-zero (every lora_B).
 
@@ -676,6 +677,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--parts", default=None, help=f"comma list of parts (default all: {', '.join(PARTS)})"
     )
+    parser.add_argument(
+        "--budget-s", type=float, default=480, help="parts not started by then are skipped (default 8 min)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 40; dry 3)")
     args = parser.parse_args(argv)
     import torch
@@ -696,6 +700,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in chosen:
         tick = time.perf_counter()
         entry: dict[str, Any]
+        if tick - started > args.budget_s:
+            parts[name] = {
+                "status": "skipped",
+                "reason": f"time budget of {args.budget_s:.0f} s spent",
+                "seconds": 0.0,
+            }
+            continue
         try:
             entry = {"status": "ok", "result": PARTS[name](ctx)}
         except Skip as skip:
