@@ -262,6 +262,30 @@ def part_bf16_smollm2(ctx: Context) -> dict[str, Any]:
     return finetune_part(ctx, SEQ2SEQ, "bf16_smollm2_seq2seq", seq2seq_overrides(ctx))
 
 
+def smollm2_folder(ctx: Context) -> list[str]:
+    """SmolLM2 dequantised from its GGUF into a plain folder: a recipe refuses [quantization] with a GGUF
+    file, so QLoRA loads the same weights from safetensors. Overrides that point the recipe at it."""
+    if ctx.dry_run:
+        return []
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.modeling import drop_gguf_marker, load_tokenizer
+    from peftkit.recipe import load_recipe
+
+    out = ctx.work / "models" / "smollm2-135m"
+    if not (out / "config.json").is_file():
+        section = load_recipe(SEQ2SEQ).model
+        model = AutoModelForCausalLM.from_pretrained(
+            section.name_or_path, gguf_file=section.gguf_file, dtype=torch.bfloat16
+        )
+        drop_gguf_marker(model)
+        model.save_pretrained(out)
+        load_tokenizer(section).save_pretrained(out)
+        del model
+    return [f"model.name_or_path='{out}'", "model.gguf_file=''"]
+
+
 def part_qlora_merge(ctx: Context) -> dict[str, Any]:
     """QLoRA (nf4, double quant, bf16 compute on a GPU), paged 8-bit AdamW, checkpointing; then merge."""
     import peftkit
@@ -269,6 +293,7 @@ def part_qlora_merge(ctx: Context) -> dict[str, Any]:
     compute = "bfloat16" if ctx.bf16 else "float32"
     overrides = [
         *seq2seq_overrides(ctx),
+        *smollm2_folder(ctx),
         "quantization.bits=4",
         "quantization.quant_type='nf4'",
         "quantization.double_quant=true",
@@ -610,8 +635,12 @@ def summary_cell(name: str, result: dict[str, Any]) -> str:
         cells = [
             f"{fmt(r.get('real_tokens_per_s'), ',.0f')} tok/s",
             f"step p50 {fmt(r.get('step_p50_s'), '.3f')} s",
-            f"peak alloc/res {fmt(r.get('gpu_peak_allocated_mib'), ',.0f')}/"
-            f"{fmt(r.get('gpu_peak_reserved_mib'), ',.0f')} MiB",
+            (
+                f"peak alloc/res {fmt(r.get('gpu_peak_allocated_mib'), ',.0f')}/"
+                f"{fmt(r.get('gpu_peak_reserved_mib'), ',.0f')} MiB"
+                if r.get("gpu_peak_allocated_mib") is not None
+                else f"peak RSS {fmt(r.get('peak_rss_mib'), ',.0f')} MiB"
+            ),
             f"metric {json.dumps(r.get('final_metric'))}",
         ]
         parity = r.get("merge_parity")
@@ -642,7 +671,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# GPU acceptance{' (dry run on CPU)' if report['dry_run'] else ''}",
         "",
-        f"device: {report['device_name']}; {report['date']}; total {report['seconds']:.0f} s",
+        f"device: {report['device_name']}; {report['date']}; torch {report['torch']}; "
+        f"{'fp32 on CPU, tiny models from configs' if report['dry_run'] else 'bf16'}; "
+        f"total {report['seconds']:.0f} s",
         "",
         "| part | status | seconds | figures |",
         "|---|---|---:|---|",
