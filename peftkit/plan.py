@@ -160,6 +160,7 @@ def plan_recipe(recipe: Recipe, seq_len: int | None = None, device: str | None =
             lora_act_bytes=lora_act,
             kernel=kernel,
             vocab_logits=_output_embeddings(model) is not None,
+            residual_bytes=4 if recipe.quantization is not None else act,
         )
         used = ActivationModel(
             "cuda",
@@ -283,10 +284,14 @@ def _weight_bytes(model: Any, dtype_bytes: int, recipe: Recipe) -> tuple[int, li
             # 4-bit: half a byte plus one fp32 absmax per 64-block (8-bit absmax with double quant)
             per_param = (0.5 + (1 if quant.double_quant else 4) / 64) if quant.bits == 4 else 1.0
             total += int(n * per_param)
-        elif param.requires_grad:
+        elif param.requires_grad or quant is not None:
+            # peft's prepare_model_for_kbit_training casts every 16-bit parameter left unquantized
+            # (embeddings, norms, the LM head) to float32
             total += n * 4
         else:
             total += n * dtype_bytes
+    if quant is not None and dtype_bytes < 4:
+        notes.append("unquantized weights counted at fp32 (k-bit preparation upcasts them)")
     return total, notes
 
 
@@ -515,6 +520,7 @@ def cuda_activation_bytes(
     lora_act_bytes: int = 2,
     kernel: str = "flash/memory-efficient",
     vocab_logits: bool = False,
+    residual_bytes: int | None = None,
 ) -> int:
     """Peak activation bytes of one training step on CUDA, as ``torch.cuda.max_memory_allocated`` sees it.
 
@@ -523,6 +529,8 @@ def cuda_activation_bytes(
     save (each layer's input only under checkpointing, plus one layer recomputed) + the LM head's logits
     when the model predicts every token (the 16-bit logits, the loss's fp32 copy and its fp32 log-softmax:
     ``(a + 8) · vocab`` per token) + the gradients flowing through one layer in the backward (a · (2h + 2i)).
+    ``residual_bytes``: bytes per element of the hidden states between layers (what checkpointing keeps);
+    4 for a k-bit base, whose embeddings peft upcasts to fp32; default ``act_bytes``.
     Not yet checked against a GPU: ``CUDA_CALIBRATION``.
     """
     hidden = int(getattr(model_config, "hidden_size", 0) or getattr(model_config, "d_model", 0) or 768)
@@ -560,10 +568,11 @@ def cuda_activation_bytes(
         hidden_dropout=_dropout(model_config, "hidden_dropout_prob", "dropout") > 0,
     )
     tokens = batch * seq_len
-    stored = (act_bytes * hidden * layers + saved) if checkpointing else layers * saved
+    residual = residual_bytes or act_bytes
+    stored = (residual * hidden * layers + saved) if checkpointing else layers * saved
     head = (act_bytes + 8) * vocab if vocab_logits else 0
     backward = act_bytes * (2 * hidden + 2 * inter)
-    return int(tokens * (stored + act_bytes * hidden + head + backward))
+    return int(tokens * (stored + residual * hidden + head + backward))
 
 
 def _dropout(model_config: Any, *names: str) -> float:
