@@ -103,8 +103,16 @@ def export(source: RunDir, out: str | os.PathLike[str], **options: Any) -> Expor
     return export_bundle(source, out, **options)
 
 
-def plan(recipe: RecipeSource, *, overrides: Sequence[str] = (), seq_len: int | None = None) -> MemoryPlan:
-    """``peftkit plan``: the memory training the recipe needs, estimated without loading weights."""
+def plan(
+    recipe: RecipeSource,
+    *,
+    overrides: Sequence[str] = (),
+    seq_len: int | None = None,
+    device: str | None = None,
+) -> MemoryPlan:
+    """``peftkit plan``: the memory training the recipe needs, estimated without loading weights.
+
+    ``device`` ("cpu" or "cuda") picks the activation model; default: cuda when available."""
     from peftkit.plan import plan_recipe
 
-    return plan_recipe(as_recipe(recipe, overrides), seq_len=seq_len)
+    return plan_recipe(as_recipe(recipe, overrides), seq_len=seq_len, device=device)

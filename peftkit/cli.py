@@ -517,8 +517,17 @@ def export(
 @click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE", help=SET_HELP)
 @click.option("--seq-len", type=int, default=None, help="Tokens per example (default: task.max_length).")
 @click.option("--devices", type=int, default=None, help="Devices to shard over (default: CUDA ones, or 1).")
+@click.option(
+    "--device",
+    "device",
+    type=click.Choice(["cpu", "cuda"]),
+    default=None,
+    help="Activation model to use (default: cuda when a CUDA device is available, else cpu).",
+)
 @user_errors
-def plan(recipe: Path, overrides: tuple[str, ...], seq_len: int | None, devices: int | None) -> None:
+def plan(
+    recipe: Path, overrides: tuple[str, ...], seq_len: int | None, devices: int | None, device: str | None
+) -> None:
     """Parameters and training memory of a recipe, without loading weights."""
     from peftkit.recipe import load_recipe
 
@@ -526,7 +535,7 @@ def plan(recipe: Path, overrides: tuple[str, ...], seq_len: int | None, devices:
     _quiet_libraries()
     from peftkit.plan import format_bytes, plan_recipe
 
-    result = plan_recipe(loaded, seq_len=seq_len)
+    result = plan_recipe(loaded, seq_len=seq_len, device=device)
     click.echo(f"{'module':<36} {'params':>14} {'trainable':>12}")
     for row in result.rows:
         click.echo(f"{row.name:<36} {row.total:>14,} {row.trainable:>12,}")
@@ -552,6 +561,10 @@ def plan(recipe: Path, overrides: tuple[str, ...], seq_len: int | None, devices:
         click.echo(f"{label:<70} {format_bytes(value):>12}")
     for note in result.notes:
         click.echo(f"note: {note}")
+    model = result.activation_model
+    if model is not None:
+        click.echo(f"activation model: {model.device.upper()} ({model.assumptions})")
+        click.echo(model.calibration)
     _echo_zero_stages(result, devices)
 
 

@@ -123,7 +123,10 @@ def load_model(
     if section.attn_implementation:
         kwargs["attn_implementation"] = section.attn_implementation
     if quant is not None:
-        kwargs["quantization_config"] = quantization_config(quant, list(task.head_modules))
+        # an explicit skip list replaces transformers' default one, which keeps the LM head out: name it,
+        # else a tied lm_head is quantized and bitsandbytes asserts in its forward
+        # (fix_4bit_weight_quant_state_from_module)
+        kwargs["quantization_config"] = quantization_config(quant, [*task.head_modules, "lm_head"])
         kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
     try:
         if section.decoder_name_or_path:

@@ -6,6 +6,12 @@ optimizer's state (two fp32 moments for AdamW; 8-bit state only for tensors of a
 which is bitsandbytes' ``min_8bit_size``). Activations are an estimate from the layer shapes: what
 autograd saves per token and layer, the share of the forward's freed temporaries the C allocator keeps
 resident, and the backward pass's gradients (see ``activation_bytes``).
+
+Two activation models, chosen by the device that will train (``device``): the CPU model
+(``activation_bytes``, measured as process RSS on CPU) and the CUDA model (``cuda_activation_bytes``:
+bf16/fp16 activations, 1-byte dropout masks, flash/memory-efficient attention that saves no score matrix,
+PyTorch's caching allocator instead of glibc). Each says whether it has been checked against a measurement
+(``ActivationModel.calibration``).
 """
 
 from __future__ import annotations
@@ -46,6 +52,28 @@ OPTIMIZER_STATE: dict[str, tuple[int, int | None]] = {
 }
 
 
+@dataclass(frozen=True)
+class ActivationModel:
+    """Which activation model a plan used, what it assumes, and whether a measurement has checked it."""
+
+    device: str  # "cpu" | "cuda"
+    assumptions: str
+    calibrated: bool
+    calibration: str
+
+
+CPU_CALIBRATION = (
+    "CPU model: checked against scripts/bench_memory.py on MiniLM (process RSS; five arms within 10-13%, "
+    "docs/memory.md)"
+)
+# Set calibrated=True and name the run here once scripts/gpu_acceptance.py has measured a GPU (docs/gpu.md).
+CUDA_CALIBRATION = (
+    "CUDA model: derived from autograd's saved tensors, not yet checked against a GPU measurement "
+    "(docs/gpu.md)"
+)
+CUDA_CALIBRATED = False
+
+
 @dataclass
 class ModuleRow:
     name: str
@@ -69,6 +97,7 @@ class MemoryPlan:
     seq_len: int
     gradient_checkpointing: bool
     notes: list[str] = field(default_factory=list)
+    activation_model: ActivationModel | None = None
 
     @property
     def model_state_bytes(self) -> int:
@@ -79,9 +108,16 @@ class MemoryPlan:
         return self.model_state_bytes + self.activation_bytes
 
 
-def plan_recipe(recipe: Recipe, seq_len: int | None = None) -> MemoryPlan:
-    """Build the recipe's adapted model on the meta device and count what training it holds in memory."""
+def plan_recipe(recipe: Recipe, seq_len: int | None = None, device: str | None = None) -> MemoryPlan:
+    """Build the recipe's adapted model on the meta device and count what training it holds in memory.
+
+    ``device`` ("cpu" or "cuda") picks the activation model; default: "cuda" when a CUDA device is
+    available, else "cpu".
+    """
     import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
 
     from peftkit.adapters import apply_adapter
     from peftkit.data import load_raw_datasets
@@ -110,9 +146,37 @@ def plan_recipe(recipe: Recipe, seq_len: int | None = None) -> MemoryPlan:
     )
     batch = int(recipe.train.get("per_device_train_batch_size", 8))
     length = seq_len or int(getattr(recipe.task, "max_length", 512))
-    activations = activation_bytes(
-        model_config, batch, length, checkpointing, recipe.adapter, adapted=adapted_roles(model)
-    )
+    if device == "cuda":
+        act, lora_act = activation_dtype_bytes(recipe)
+        kernel = attention_kernel(model_config)
+        activations = cuda_activation_bytes(
+            model_config,
+            batch,
+            length,
+            checkpointing,
+            recipe.adapter,
+            adapted=adapted_roles(model),
+            act_bytes=act,
+            lora_act_bytes=lora_act,
+            kernel=kernel,
+            vocab_logits=_output_embeddings(model) is not None,
+            residual_bytes=4 if recipe.quantization is not None else act,
+        )
+        used = ActivationModel(
+            "cuda",
+            f"{'bf16/fp16' if act == 2 else 'fp32'} activations, {kernel} attention"
+            f"{' (no score matrix saved)' if kernel != 'math' else ' (score matrix saved)'}, "
+            "1-byte dropout masks, caching allocator (peak allocated; reserved is higher)",
+            CUDA_CALIBRATED,
+            CUDA_CALIBRATION,
+        )
+    else:
+        activations = activation_bytes(
+            model_config, batch, length, checkpointing, recipe.adapter, adapted=adapted_roles(model)
+        )
+        used = ActivationModel(
+            "cpu", "fp32 activations, math attention, glibc heap (process RSS)", True, CPU_CALIBRATION
+        )
     return MemoryPlan(
         rows=rows,
         total_params=total,
@@ -126,6 +190,7 @@ def plan_recipe(recipe: Recipe, seq_len: int | None = None) -> MemoryPlan:
         seq_len=length,
         gradient_checkpointing=checkpointing,
         notes=notes,
+        activation_model=used,
     )
 
 
@@ -187,6 +252,13 @@ def optimizer_state_bytes(model: Any, optimizer: str) -> tuple[int, float]:
     return total, (eight / elements if elements else 0.0)
 
 
+def _output_embeddings(model: Any) -> Any:
+    """The LM head (a per-token vocabulary projection), or None for models without one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    getter = getattr(base, "get_output_embeddings", None)
+    return getter() if callable(getter) else None
+
+
 def _weight_bytes(model: Any, dtype_bytes: int, recipe: Recipe) -> tuple[int, list[str]]:
     """Weights at the load dtype; quantized linear weights at bitsandbytes' packed size."""
     import torch
@@ -197,11 +269,13 @@ def _weight_bytes(model: Any, dtype_bytes: int, recipe: Recipe) -> tuple[int, li
     quantized_ids: set[int] = set()
     if quant is not None:
         # bitsandbytes replaces the frozen nn.Linear layers, except the task heads and skip_modules
+        # and the output embeddings (transformers keeps the LM head out of quantization)
         keep_out = set(TASKS[recipe.task_name].head_modules) | set(quant.skip_modules)
+        lm_head = _output_embeddings(model)
         for name, module in model.named_modules():
             parts = set(name.split("."))
             frozen_linear = isinstance(module, torch.nn.Linear) and not module.weight.requires_grad
-            if frozen_linear and not parts & keep_out and "lora_" not in name:
+            if frozen_linear and not parts & keep_out and "lora_" not in name and module is not lm_head:
                 quantized_ids.add(id(module.weight))
         notes.append(f"{len(quantized_ids)} linear weights counted at {quant.bits}-bit")
     for param in model.parameters():
@@ -210,10 +284,14 @@ def _weight_bytes(model: Any, dtype_bytes: int, recipe: Recipe) -> tuple[int, li
             # 4-bit: half a byte plus one fp32 absmax per 64-block (8-bit absmax with double quant)
             per_param = (0.5 + (1 if quant.double_quant else 4) / 64) if quant.bits == 4 else 1.0
             total += int(n * per_param)
-        elif param.requires_grad:
+        elif param.requires_grad or quant is not None:
+            # peft's prepare_model_for_kbit_training casts every 16-bit parameter left unquantized
+            # (embeddings, norms, the LM head) to float32
             total += n * 4
         else:
             total += n * dtype_bytes
+    if quant is not None and dtype_bytes < 4:
+        notes.append("unquantized weights counted at fp32 (k-bit preparation upcasts them)")
     return total, notes
 
 
@@ -342,6 +420,159 @@ def layer_activation_floats(
     temporaries = 3 * hidden + 5 * hidden + sum(v for r, v in role_inputs.items() if r not in saved_inputs)
     temporaries += 2 * hidden if hidden_dropout else 0
     return saved, temporaries + lora_temporaries
+
+
+def activation_dtype_bytes(recipe: Recipe) -> tuple[int, int]:
+    """Bytes per activation element on a GPU, for the frozen model's path and for the LoRA branches.
+
+    Under ``train.bf16``/``fp16`` the Trainer runs the forward in autocast: everything is 2 bytes. Without
+    it, 16-bit weights (``model.dtype`` or a 16-bit quantization compute dtype) give 2-byte activations,
+    but peft casts a LoRA branch's input to the adapter's fp32 weights, so that branch saves 4 bytes.
+    """
+    autocast = bool(recipe.train.get("bf16") or recipe.train.get("fp16"))
+    quant = recipe.quantization
+    half = recipe.model.dtype in ("bfloat16", "float16") or (
+        quant is not None and quant.compute_dtype in ("bfloat16", "float16")
+    )
+    return (2 if autocast or half else 4), (2 if autocast else 4)
+
+
+def attention_kernel(model_config: Any) -> str:
+    """The SDPA kernel a CUDA training step takes: "math" for eager attention, else flash/memory-efficient.
+
+    With bf16/fp16 and no mask SDPA picks flash; with a padding mask, memory-efficient. Neither saves the
+    score matrix (both keep q, k, v, the output and a per-row logsumexp), so they are counted alike.
+    """
+    implementation = getattr(model_config, "_attn_implementation", None) or "sdpa"
+    return "math" if implementation == "eager" else "flash/memory-efficient"
+
+
+def _is_decoder_layer(model_config: Any) -> bool:
+    """Llama-style layers (RMSNorm, gated SiLU MLP, rotary, grouped KV heads) vs BERT-style ones."""
+    return hasattr(model_config, "num_key_value_heads") or "silu" in str(
+        getattr(model_config, "hidden_act", "")
+    )
+
+
+def cuda_layer_saved_bytes(
+    hidden: int,
+    inter: int,
+    heads: int,
+    kv_heads: int,
+    seq_len: int,
+    *,
+    decoder: bool,
+    kernel: str,
+    act_bytes: int,
+    lora_act_bytes: int,
+    adapted: tuple[str, ...],
+    rank: int,
+    lora_dropout: bool,
+    attention_dropout: bool = False,
+    hidden_dropout: bool = False,
+) -> int:
+    """Bytes per token that autograd saves in one transformer layer on CUDA (parameters excluded).
+
+    Counted with ``torch.autograd.graph.saved_tensors_hooks`` on a Llama layer in bf16 autocast on CPU
+    with SDPA forced to its flash kernel (``torch.nn.attention.sdpa_kernel(SDPBackend.FLASH_ATTENTION)``,
+    the kernel CUDA takes; see tests/unit/test_plan_cuda.py), dropout masks counted at one byte (CUDA's
+    dropout keeps a bool mask; CPU's a float one):
+
+    - each RMSNorm keeps its fp32 input copy and the per-row rstd (4h + 4);
+    - flash/memory-efficient attention keeps q, k, v (k and v at the KV heads' width), the output and an
+      fp32 logsumexp per head; the math kernel keeps the softmax output per head and key instead of the
+      logsumexp (plus the dropout mask and dropped copy when attention dropout is on);
+    - the gated MLP keeps the gate output (SiLU's input), SiLU's output and the up projection's output;
+    - a frozen linear keeps nothing (its weight is a parameter); a LoRA linear keeps its own cast copy of
+      the input (each of q/k/v casts separately), the rank-r ``A·x`` and, with dropout, the bool mask.
+
+    BERT-style layers (``decoder=False``) use the same terms with LayerNorm (fp32 input, mean and rstd),
+    GELU's input and the 1-byte masks of the two hidden dropouts; that variant is assembled from the same
+    rules, not counted separately.
+    """
+    a = act_bytes
+    head_dim = hidden // max(heads, 1)
+    kv_width = (kv_heads or heads) * head_dim
+    role_inputs = {"qkv": hidden, "o": hidden, "up": hidden, "down": inter}
+    saved = 2 * (4 * hidden + (4 if decoder else 8))  # two norms
+    if kernel == "math":
+        scores = heads * seq_len
+        saved += a * (hidden + 2 * kv_width) + a * scores
+        saved += (1 + a) * scores if attention_dropout else 0
+    else:
+        saved += a * (2 * hidden + 2 * kv_width) + 4 * heads
+    saved += 3 * a * inter if decoder else a * inter  # SiLU in/out and up's output; GELU's input
+    saved += 2 * hidden if hidden_dropout and not decoder else 0  # bool masks
+    for role in adapted:
+        saved += lora_act_bytes * (role_inputs[role] + rank) + (role_inputs[role] if lora_dropout else 0)
+    return saved
+
+
+def cuda_activation_bytes(
+    model_config: Any,
+    batch: int,
+    seq_len: int,
+    checkpointing: bool,
+    adapter: dict[str, Any],
+    *,
+    adapted: tuple[str, ...] | None = None,
+    act_bytes: int = 2,
+    lora_act_bytes: int = 2,
+    kernel: str = "flash/memory-efficient",
+    vocab_logits: bool = False,
+    residual_bytes: int | None = None,
+) -> int:
+    """Peak activation bytes of one training step on CUDA, as ``torch.cuda.max_memory_allocated`` sees it.
+
+    The caching allocator hands freed blocks straight back to the next tensor, so nothing of the forward's
+    freed temporaries is kept (no glibc retention share, unlike ``activation_bytes``). Peak = what the layers
+    save (each layer's input only under checkpointing, plus one layer recomputed) + the LM head's logits
+    when the model predicts every token (the 16-bit logits, the loss's fp32 copy and its fp32 log-softmax:
+    ``(a + 8) · vocab`` per token) + the gradients flowing through one layer in the backward (a · (2h + 2i)).
+    ``residual_bytes``: bytes per element of the hidden states between layers (what checkpointing keeps);
+    4 for a k-bit base, whose embeddings peft upcasts to fp32; default ``act_bytes``.
+    Not yet checked against a GPU: ``CUDA_CALIBRATION``.
+    """
+    hidden = int(getattr(model_config, "hidden_size", 0) or getattr(model_config, "d_model", 0) or 768)
+    inter = int(
+        getattr(model_config, "intermediate_size", 0) or getattr(model_config, "d_ff", 0) or 4 * hidden
+    )
+    layers = int(
+        getattr(model_config, "num_hidden_layers", 0) or getattr(model_config, "num_layers", 0) or 12
+    )
+    heads = int(
+        getattr(model_config, "num_attention_heads", 0) or getattr(model_config, "num_heads", 0) or 12
+    )
+    kv_heads = int(getattr(model_config, "num_key_value_heads", 0) or heads)
+    vocab = int(getattr(model_config, "vocab_size", 0) or 0)
+    method = str(adapter.get("method", "lora"))
+    if not (method in METHODS and METHODS[method].low_rank):
+        adapted = ()
+    elif adapted is None:
+        adapted = ("qkv", "qkv", "qkv", "o", "up", "down")
+    decoder = _is_decoder_layer(model_config)
+    saved = cuda_layer_saved_bytes(
+        hidden,
+        inter,
+        heads,
+        kv_heads,
+        seq_len,
+        decoder=decoder,
+        kernel=kernel,
+        act_bytes=act_bytes,
+        lora_act_bytes=lora_act_bytes,
+        adapted=adapted,
+        rank=int(adapter.get("r", 8) or 8),
+        lora_dropout=float(adapter.get("lora_dropout", 0) or 0) > 0,
+        attention_dropout=_dropout(model_config, "attention_probs_dropout_prob", "attention_dropout") > 0,
+        hidden_dropout=_dropout(model_config, "hidden_dropout_prob", "dropout") > 0,
+    )
+    tokens = batch * seq_len
+    residual = residual_bytes or act_bytes
+    stored = (residual * hidden * layers + saved) if checkpointing else layers * saved
+    head = (act_bytes + 8) * vocab if vocab_logits else 0
+    backward = act_bytes * (2 * hidden + 2 * inter)
+    return int(tokens * (stored + residual * hidden + head + backward))
 
 
 def _dropout(model_config: Any, *names: str) -> float:
