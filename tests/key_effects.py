@@ -139,10 +139,6 @@ KEY_EFFECT_TESTS: dict[str, str] = {
     "task.seq2seq.predict_batch_size": _S2S_GENERATION,
 }
 
-# Keys whose effect test is written by another change of issue 16 (item 6): replace the entry with that
-# test's node id in KEY_EFFECT_TESTS once it is merged. The audit accepts these only while listed here.
-PENDING: dict[str, str] = {}
-
 
 def _fields(model: Any) -> list[str]:
     return list(getattr(model, "model_fields", {}))

@@ -5,9 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
-from tests.key_effects import KEY_EFFECT_TESTS, PENDING, owned_keys
+from tests.key_effects import KEY_EFFECT_TESTS, owned_keys
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,14 +46,13 @@ def test_the_schema_lists_the_tables_peftkit_owns() -> None:
 
 def test_every_owned_key_has_an_effect_test() -> None:
     keys = set(owned_keys())
-    untested = sorted(keys - set(KEY_EFFECT_TESTS) - set(PENDING))
+    untested = sorted(keys - set(KEY_EFFECT_TESTS))
     assert not untested, (
         f"recipe keys without an effect test: {untested}; write a test that shows what each changes "
         "through peftkit's public path and add it to KEY_EFFECT_TESTS in tests/key_effects.py"
     )
-    stale = sorted((set(KEY_EFFECT_TESTS) | set(PENDING)) - keys)
+    stale = sorted(set(KEY_EFFECT_TESTS) - keys)
     assert not stale, f"tests/key_effects.py lists keys the recipe no longer has: {stale}"
-    assert not set(KEY_EFFECT_TESTS) & set(PENDING), "a key is both tested and pending"
 
 
 def test_every_listed_test_exists() -> None:
@@ -66,7 +63,7 @@ def test_the_audit_fails_for_a_missing_key_or_test(tmp_path: Path) -> None:
     """The checks above are not vacuous: a key left out, or a node id without its test, is caught."""
     some_key = next(iter(KEY_EFFECT_TESTS))
     incomplete = {k: v for k, v in KEY_EFFECT_TESTS.items() if k != some_key}
-    assert some_key in set(owned_keys()) - set(incomplete) - set(PENDING)
+    assert some_key in set(owned_keys()) - set(incomplete)
     (tmp_path / "t.py").write_text(
         "def test_here():\n    pass\n\n\nclass C:\n    def test_inner(self): ...\n"
     )
@@ -93,8 +90,3 @@ def test_the_docs_table_is_generated_from_the_mapping() -> None:
     assert (REPO / "docs" / "recipe-key-tests.md").read_text(encoding="utf-8") == script.render(), (
         "docs/recipe-key-tests.md is out of date: run python scripts/key_tests_table.py"
     )
-
-
-@pytest.mark.parametrize("key", sorted(PENDING))
-def test_pending_keys_say_what_will_test_them(key: str) -> None:
-    assert PENDING[key].strip()
