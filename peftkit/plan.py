@@ -295,6 +295,21 @@ def _weight_bytes(model: Any, dtype_bytes: int, recipe: Recipe) -> tuple[int, li
     return total, notes
 
 
+def transformer_shape(model_config: Any) -> tuple[int, int, int, int]:
+    """(hidden size, intermediate size, layers, attention heads) under BERT/Llama or T5 config names."""
+    hidden = int(getattr(model_config, "hidden_size", 0) or getattr(model_config, "d_model", 0) or 768)
+    inter = int(
+        getattr(model_config, "intermediate_size", 0) or getattr(model_config, "d_ff", 0) or 4 * hidden
+    )
+    layers = int(
+        getattr(model_config, "num_hidden_layers", 0) or getattr(model_config, "num_layers", 0) or 12
+    )
+    heads = int(
+        getattr(model_config, "num_attention_heads", 0) or getattr(model_config, "num_heads", 0) or 12
+    )
+    return hidden, inter, layers, heads
+
+
 def activation_bytes(
     model_config: Any,
     batch: int,
@@ -332,16 +347,7 @@ def activation_bytes(
     ``adapted`` names the role of each LoRA-adapted linear of a layer ("qkv", "o", "up", "down");
     ``None`` means all six. ``full_finetuning``: every weight trains, no adapter.
     """
-    hidden = int(getattr(model_config, "hidden_size", 0) or getattr(model_config, "d_model", 0) or 768)
-    inter = int(
-        getattr(model_config, "intermediate_size", 0) or getattr(model_config, "d_ff", 0) or 4 * hidden
-    )
-    layers = int(
-        getattr(model_config, "num_hidden_layers", 0) or getattr(model_config, "num_layers", 0) or 12
-    )
-    heads = int(
-        getattr(model_config, "num_attention_heads", 0) or getattr(model_config, "num_heads", 0) or 12
-    )
+    hidden, inter, layers, heads = transformer_shape(model_config)
     vocab = int(getattr(model_config, "vocab_size", 0) or 0)
     method = str(adapter.get("method", "lora"))
     if full_finetuning or not (method in METHODS and METHODS[method].low_rank):
@@ -533,16 +539,7 @@ def cuda_activation_bytes(
     4 for a k-bit base, whose embeddings peft upcasts to fp32; default ``act_bytes``.
     Not yet checked against a GPU: ``CUDA_CALIBRATION``.
     """
-    hidden = int(getattr(model_config, "hidden_size", 0) or getattr(model_config, "d_model", 0) or 768)
-    inter = int(
-        getattr(model_config, "intermediate_size", 0) or getattr(model_config, "d_ff", 0) or 4 * hidden
-    )
-    layers = int(
-        getattr(model_config, "num_hidden_layers", 0) or getattr(model_config, "num_layers", 0) or 12
-    )
-    heads = int(
-        getattr(model_config, "num_attention_heads", 0) or getattr(model_config, "num_heads", 0) or 12
-    )
+    hidden, inter, layers, heads = transformer_shape(model_config)
     kv_heads = int(getattr(model_config, "num_key_value_heads", 0) or heads)
     vocab = int(getattr(model_config, "vocab_size", 0) or 0)
     method = str(adapter.get("method", "lora"))
