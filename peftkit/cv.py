@@ -80,7 +80,7 @@ def run_cv(
     from peftkit.training import finetune
 
     task = TASKS[recipe.task_name]
-    raw = load_raw_datasets(recipe.data, task.columns)
+    raw = load_raw_datasets(recipe.data, task)
     train = raw["train"]
     if folds < 2:
         raise PeftkitError(f"--folds {folds}: cross-validation needs at least 2 folds")
