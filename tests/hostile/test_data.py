@@ -213,3 +213,28 @@ def test_a_split_name_the_folder_lacks_is_named(tmp_path: Path, tiny_bert_dir: P
     data = f'dataset = "{folder}"\nsplits = {{validation = "validation_matched"}}'
     result = invoke_cli("finetune", str(recipe(tmp_path, tiny_bert_dir, "seq_cls", data)))
     assert_clear_error(result, "data.splits.validation = 'validation_matched'", "no validation_matched.<ext>")
+
+
+REFERENCES = {"seq_cls": "label", "token_cls": "tags", "qa": "answers", "seq2seq": "target"}
+
+
+@pytest.mark.hostile("success")
+@pytest.mark.parametrize("task", ["token_cls", "qa", "seq2seq"])
+def test_a_test_split_without_references_is_predicted_not_scored(
+    task: str, tmp_path: Path, tiny_bert_dir: Path
+) -> None:
+    """Every task: a test file without the reference column trains, saves the adapter, writes the test
+    predictions (no references) and no test metrics (seq_cls: tests/integration/test_mrpc_recipe.py)."""
+    write_jsonl(tmp_path / "train.jsonl", [good(task, i) for i in range(8)])
+    write_jsonl(tmp_path / "validation.jsonl", [good(task, i) for i in range(3)])
+    unlabelled = [{k: v for k, v in good(task, i).items() if k != REFERENCES[task]} for i in range(3)]
+    write_jsonl(tmp_path / "test.jsonl", unlabelled)
+    files = 'train_file = "train.jsonl"\nvalidation_file = "validation.jsonl"\ntest_file = "test.jsonl"'
+    result = invoke_cli("finetune", str(recipe(tmp_path, tiny_bert_dir, task, files)))
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    assert (run / "adapter_model.safetensors").is_file()
+    predictions = [json.loads(line) for line in (run / "predictions_test.jsonl").read_text().splitlines()]
+    assert len(predictions) == 3 and all("reference" not in p for p in predictions)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "validation" in metrics and "test" not in metrics
