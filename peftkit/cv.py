@@ -80,7 +80,7 @@ def run_cv(
     from peftkit.training import finetune
 
     task = TASKS[recipe.task_name]
-    raw = load_raw_datasets(recipe.data, task.columns)
+    raw = load_raw_datasets(recipe.data, task)
     train = raw["train"]
     if folds < 2:
         raise PeftkitError(f"--folds {folds}: cross-validation needs at least 2 folds")
@@ -170,6 +170,10 @@ def _write_jsonl(path: Path, records: Sequence[Mapping[str, Any]]) -> str:
     return str(path)
 
 
+# [data] keys about how the recipe's own data is read: the fold files (already read with them) replace them
+_SOURCE_KEYS = ("dataset", "config", "revision", "splits", "columns", "format")
+
+
 def _fold_recipe(
     recipe: Recipe, files: dict[str, str], labels: Sequence[str] | None, run_dir: Path, fold: int
 ) -> Recipe:
@@ -177,7 +181,7 @@ def _fold_recipe(
     data = recipe.to_dict()
     data.pop("sweep", None)
     data["data"] = {
-        **{k: v for k, v in data["data"].items() if k not in ("dataset", "config", "columns", "format")},
+        **{k: v for k, v in data["data"].items() if k not in _SOURCE_KEYS},
         "train_file": None,
         "validation_file": None,
         "test_file": None,

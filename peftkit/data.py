@@ -13,6 +13,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,36 +42,48 @@ EXTENSIONS = {
 }
 
 
-def load_raw_datasets(section: DataSection, columns: Mapping[str, bool]) -> Any:
-    """Load, rename columns to the task's names, split, and limit. Returns a ``DatasetDict``."""
+def load_raw_datasets(section: DataSection, task: Task) -> Any:
+    """Load, rename columns to the task's names, check every record, split, and limit.
+
+    Returns a ``DatasetDict``. A test split whose reference columns are absent, or null (label -1) in every
+    record, is kept without them: it is predicted, not scored (see :func:`is_labelled`).
+    """
     from datasets import DatasetDict
 
+    skipped = {split for split, source in section.splits.items() if source is False}
     if section.dataset and not Path(section.dataset).is_dir():
-        raw = _load_hub(section)
-        origin = {split: f"{section.dataset}[{split}]" for split in raw}
+        raw, origin = _load_hub(section)
     else:
         files = _split_files(section)
         raw = DatasetDict({split: _load_file(Path(path), section) for split, path in files.items()})
         origin = dict(files)
+    raw = DatasetDict({split: ds for split, ds in raw.items() if split not in skipped})
 
     if "train" not in raw:
-        raise DataError(f"{section.dataset}: no train split (found {sorted(raw)}); name the file train.<ext>")
+        raise DataError(
+            f"{section.dataset}: no train split (found {sorted(raw)}); name the file train.<ext>, "
+            'or pick the split with [data] splits = {train = "<split>"}'
+        )
     raw = DatasetDict(
-        {split: _rename_columns(ds, section.columns, columns, origin[split]) for split, ds in raw.items()}
+        {
+            split: _rename_columns(
+                ds,
+                section.columns,
+                task.columns,
+                origin[split],
+                task.reference_columns if split == "test" else (),
+            )
+            for split, ds in raw.items()
+        }
     )
     for split, ds in raw.items():
         if len(ds) == 0:
             raise DataError(f"{origin[split]}: the {split} split is empty; give it examples or remove it")
+    raw = _drop_missing_references(raw, task, origin)
+    check_records(raw, task, section, origin)
 
     if "validation" not in raw:
-        parts = raw["train"].train_test_split(test_size=section.validation_split, seed=section.seed)
-        raw["train"], raw["validation"] = parts["train"], parts["test"]
-        logger.info(
-            "no validation split: held out %d of %d training examples (seed %d)",
-            len(parts["test"]),
-            len(parts["train"]) + len(parts["test"]),
-            section.seed,
-        )
+        raw["train"], raw["validation"] = _hold_out(raw["train"], section, origin["train"])
     limits = {
         "train": section.max_train_samples,
         "validation": section.max_eval_samples,
@@ -83,11 +96,74 @@ def load_raw_datasets(section: DataSection, columns: Mapping[str, bool]) -> Any:
     return DatasetDict({split: raw[split] for split in ("train", "validation", "test") if split in raw})
 
 
-def _load_hub(section: DataSection) -> Any:
-    from datasets import load_dataset
+def _hold_out(train: Any, section: DataSection, origin: str) -> tuple[Any, Any]:
+    """(train, validation): a seeded share of train held out, or a DataError when train is too small."""
+    total = len(train)
+    held = math.ceil(total * section.validation_split)
+    if total - held < 1:
+        raise DataError(
+            f"{origin}: the train split has {total} example(s): too few to hold out "
+            f"data.validation_split = {section.validation_split} of them for validation and train on the "
+            "rest; add examples or give a validation split (validation_file = ..., or a validation.<ext> "
+            "file in the dataset folder)"
+        )
+    parts = train.train_test_split(test_size=section.validation_split, seed=section.seed)
+    logger.info(
+        "no validation split: held out %d of %d training examples (seed %d)",
+        len(parts["test"]),
+        total,
+        section.seed,
+    )
+    return parts["train"], parts["test"]
 
+
+def is_labelled(ds: Any, task: Task) -> bool:
+    """Whether a split carries the task's references (a test split without them is only predicted)."""
+    return all(column in ds.column_names for column in task.reference_columns)
+
+
+def _no_reference(value: Any) -> bool:
+    """null, or -1 (how datasets' ClassLabel and GLUE's test splits write "no label")."""
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value == -1)
+
+
+def _drop_missing_references(raw: Any, task: Task, origin: Mapping[str, str]) -> Any:
+    """A test split whose references are null (or -1) in every record loses those columns, with a line
+    saying it will be predicted, not scored; train and validation need their references."""
+    for split in list(raw):
+        ds = raw[split]
+        present = [c for c in task.reference_columns if c in ds.column_names]
+        empty = [c for c in present if all(_no_reference(v) for v in ds[c])]
+        if not empty and len(present) == len(task.reference_columns):
+            continue
+        if split != "test":
+            missing = empty or [c for c in task.reference_columns if c not in present]
+            raise DataError(
+                f"{origin[split]}: the {split} split has no {', '.join(map(repr, missing))} in any record "
+                f"(null or -1 everywhere); {split} needs references. Only a test split may be unlabelled"
+                + (
+                    "; skip this one with [data] splits = {validation = false} (a share of train is held "
+                    "out instead)"
+                    if split == "validation"
+                    else ""
+                )
+            )
+        raw[split] = ds.remove_columns(empty)
+        logger.debug(
+            "%s: the test split has no labels (%s): it will be predicted, not scored",
+            origin[split],
+            ", ".join(task.reference_columns),
+        )
+    return raw
+
+
+def _load_hub(section: DataSection) -> tuple[Any, dict[str, str]]:
+    """The Hub dataset's splits under peftkit's names (``[data] splits`` picks and renames them)."""
+    from datasets import DatasetDict, load_dataset
+
+    kwargs: dict[str, Any] = {"revision": section.revision} if section.revision else {}
     try:
-        return load_dataset(section.dataset, section.config)
+        loaded = load_dataset(section.dataset, section.config, **kwargs)
     except FileNotFoundError as exc:
         raise DataError(
             f"data.dataset {section.dataset!r}: not found ({exc}); check the id or path"
@@ -99,18 +175,51 @@ def _load_hub(section: DataSection) -> Any:
         ) from None
     except ValueError as exc:
         raise DataError(f"data.dataset {section.dataset!r}: {exc}") from None
+    chosen: dict[str, str] = {}
+    for split, names in SPLIT_NAMES.items():
+        source = _splits(section).get(split)
+        if source is False:
+            continue
+        if isinstance(source, str):
+            if source not in loaded:
+                raise DataError(
+                    f"data.splits.{split} = {source!r}: the dataset {section.dataset!r} has no split "
+                    f"{source!r} (it has {sorted(loaded)}); name one of those"
+                )
+            chosen[split] = source
+        else:
+            found = next((name for name in names if name in loaded), None)
+            if found is not None:
+                chosen[split] = found
+    raw = DatasetDict({split: loaded[source] for split, source in chosen.items()})
+    return raw, {split: f"{section.dataset}[{source}]" for split, source in chosen.items()}
+
+
+def _splits(section: DataSection) -> Mapping[str, str | bool]:
+    """``[data] splits``: peftkit split → the data's split name, or False to skip it."""
+    return dict(section.splits.items())
 
 
 def _split_files(section: DataSection) -> dict[str, str]:
     if section.dataset:
         folder = Path(section.dataset)
         found: dict[str, str] = {}
-        for split, names in SPLIT_NAMES.items():
+        for split, aliases in SPLIT_NAMES.items():
+            source = _splits(section).get(split)
+            if source is False:
+                continue
+            names = (source,) if isinstance(source, str) else aliases
             for name in names:
                 matches = sorted(p for p in folder.glob(f"{name}.*") if p.suffix in EXTENSIONS)
                 if matches:
                     found[split] = str(matches[0])
                     break
+        for split, source in section.splits.items():
+            if isinstance(source, str) and split not in found:
+                raise DataError(
+                    f"data.splits.{split} = {source!r}: {folder} has no {source}.<ext> file "
+                    f"({', '.join(EXTENSIONS)}); name an existing file's stem"
+                )
         if "train" not in found:
             raise DataError(
                 f"{folder}: no train.<ext> file ({', '.join(EXTENSIONS)}); "
@@ -178,8 +287,18 @@ def _check_encoding(path: Path) -> None:
         ) from None
 
 
-def _rename_columns(ds: Any, mapping: Mapping[str, str], columns: Mapping[str, bool], origin: str) -> Any:
-    renames = {source: canonical for canonical, source in mapping.items() if source != canonical}
+def _rename_columns(
+    ds: Any,
+    mapping: Mapping[str, str],
+    columns: Mapping[str, bool],
+    origin: str,
+    optional: tuple[str, ...] = (),
+) -> Any:
+    renames = {
+        source: canonical
+        for canonical, source in mapping.items()
+        if source != canonical and not (canonical in optional and source not in ds.column_names)
+    }
     missing = [source for source in renames if source not in ds.column_names]
     if missing:
         raise DataError(
@@ -191,7 +310,9 @@ def _rename_columns(ds: Any, mapping: Mapping[str, str], columns: Mapping[str, b
         ds = ds.remove_columns(clashes)
     if renames:
         ds = ds.rename_columns(renames)
-    absent = [c for c, required in columns.items() if required and c not in ds.column_names]
+    absent = [
+        c for c, required in columns.items() if required and c not in ds.column_names and c not in optional
+    ]
     if absent:
         example = ", ".join(f"{c} = '<column>'" for c in absent)
         raise DataError(
@@ -201,9 +322,114 @@ def _rename_columns(ds: Any, mapping: Mapping[str, str], columns: Mapping[str, b
     return ds
 
 
-def data_fingerprints(raw: Any) -> dict[str, dict[str, Any]]:
-    """Per split: size and datasets' content fingerprint (stored in peftkit_run.json)."""
-    return {split: {"rows": len(ds), "fingerprint": ds._fingerprint} for split, ds in raw.items()}
+_SHOWN = 5  # problems listed in one error message; the rest are counted
+
+
+def check_records(raw: Any, task: Task, section: DataSection, origin: Mapping[str, str]) -> None:
+    """Every record holds what the task reads from it (``Task.column_kinds``), else one DataError that
+    counts the bad records of every split and names the first ones by file and line."""
+    from datasets import ClassLabel
+
+    sources = {canonical: source for canonical, source in section.columns.items()}
+    problems: list[str] = []
+    for split, ds in raw.items():
+        locate = _locator(origin[split], section, len(ds))
+        for column, kind in task.column_kinds.items():
+            if column not in ds.column_names:
+                continue
+            name = (
+                repr(column) if sources.get(column, column) == column else f"{sources[column]!r} ({column})"
+            )
+            class_label = isinstance(ds.features.get(column), ClassLabel)
+            for index, value in enumerate(ds[column]):
+                problem = _record_problem(kind, value, name, class_label)
+                if problem:
+                    problems.append(f"{locate(index)}: {problem}")
+    if problems:
+        shown = "\n".join(f"  {p}" for p in problems[:_SHOWN])
+        more = f"\n  ... and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else ""
+        raise DataError(
+            f"{len(problems)} record(s) cannot be used:\n{shown}{more}\n"
+            "Fix or remove these records, or map the right columns with [data] columns = {...}"
+        )
+
+
+def _record_problem(kind: str, value: Any, name: str, class_label: bool) -> str | None:
+    """Why one record's ``value`` of a column of this ``kind`` cannot be used (None when it can)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return f"no {name} field (a missing or null value); every record needs one"
+    if kind == "text":
+        if not isinstance(value, str):
+            return f"{name} is a {type(value).__name__} ({_short(value)}), not a text"
+        if not value.strip():
+            return f"{name} is empty ({value!r}); every record needs a non-empty text"
+    elif kind == "label":
+        if isinstance(value, (list, dict)):
+            return f"{name} is a {type(value).__name__} ({_short(value)}); a label is one class name or id"
+        if class_label and value == -1:
+            return f"{name} is -1 (no label); label every record of this split"
+    elif kind == "words":
+        if not isinstance(value, list) or not all(isinstance(word, str) for word in value):
+            return f"{name} is {_short(value)}; it must be a list of words (strings)"
+        if not value:
+            return f"{name} is an empty list; every record needs at least one word"
+    elif kind == "tags":
+        if not isinstance(value, list):
+            return f"{name} is a {type(value).__name__} ({_short(value)}); it must be a list (a tag per word)"
+    elif kind == "id" and (isinstance(value, bool) or not isinstance(value, (str, int))):
+        return f"{name} is a {type(value).__name__} ({_short(value)}); an id is a string or an integer"
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _locator(origin: str, section: DataSection, rows: int) -> Callable[[int], str]:
+    """record index → "file:line" where the file's lines can be matched to its records, else the record."""
+    path = Path(origin)
+    lines = _record_lines(path, file_format(path, section.format)) if path.is_file() else None
+    if lines is not None and len(lines) == rows:
+        return lambda index: f"{origin}:{lines[index]}"
+    what = "sentence" if path.is_file() and file_format(path, section.format) == "conll" else "record"
+    return lambda index: f"{origin} ({what} {index + 1})"
+
+
+def _record_lines(path: Path, fmt: str) -> list[int] | None:
+    """The line each record of a CSV, JSON-lines or text file starts on (None for other formats)."""
+    text = path.read_text(encoding="utf-8")
+    if fmt == "json":
+        if text.lstrip().startswith("["):
+            return None  # one JSON list: its records are not lines
+        return [number for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if fmt == "text":
+        return list(range(1, len(text.splitlines()) + 1))
+    if fmt == "csv":
+        import csv
+
+        reader = csv.reader(text.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        starts: list[int] = []
+        end = 0  # the last line of the previous row (a quoted field may span lines)
+        for row in reader:
+            if row:
+                starts.append(end + 1)
+            end = reader.line_num
+        return starts[1:]  # the first row is the header
+    return None
+
+
+def data_fingerprints(raw: Any, task: Task | None = None) -> dict[str, dict[str, Any]]:
+    """Per split: size and datasets' content fingerprint (stored in peftkit_run.json); with the task, also
+    whether the split has references (``labelled``: false for a test split that is predicted, not scored)."""
+    return {
+        split: {
+            "rows": len(ds),
+            "fingerprint": ds._fingerprint,
+            **({"labelled": is_labelled(ds, task)} if task is not None else {}),
+        }
+        for split, ds in raw.items()
+    }
 
 
 def tokenize_splits(raw: Any, task: Task, ctx: TaskContext, num_proc: int | None = None) -> dict[str, Any]:

@@ -35,7 +35,7 @@ def worst_examples(
     if count < 1:
         raise PeftkitError(f"--errors {count}: give the number of worst examples to write (at least 1)")
     loaded = runs.load_run(run_dir)
-    raw = load_raw_datasets(loaded.recipe.data, loaded.task.columns)
+    raw = load_raw_datasets(loaded.recipe.data, loaded.task)
     if split not in raw:
         raise DataError(f"the recipe's data has no {split!r} split (it has {sorted(raw)})")
     check_split_labels(loaded, raw, split)

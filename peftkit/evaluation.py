@@ -33,7 +33,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], split: str = "test") -> dict[s
     from peftkit.errors import DataError
 
     loaded = runs.load_run(run_dir)
-    raw = load_raw_datasets(loaded.recipe.data, loaded.task.columns)
+    raw = load_raw_datasets(loaded.recipe.data, loaded.task)
     if split not in raw:
         raise DataError(f"the recipe's data has no {split!r} split (it has {sorted(raw)})")
     check_split_labels(loaded, raw, split)
@@ -63,15 +63,24 @@ def evaluate_run(run_dir: str | os.PathLike[str], split: str = "test") -> dict[s
 
 
 def check_split_labels(loaded: runs.LoadedRun, raw: Any, split: str) -> None:
-    """The split's labels are ones the run was trained on (else tokenizing it fails deep inside a map).
+    """The split has labels (a split without them is predicted, never scored), and they are ones the run
+    was trained on (else tokenizing it fails deep inside a map).
 
     The task's own label discovery runs on the train split and this one, as in training, and must find
     the run's labels (labels.json) again.
     """
     from datasets import DatasetDict
 
+    from peftkit.data import is_labelled
     from peftkit.errors import DataError
 
+    if not is_labelled(raw[split], loaded.task):
+        origin = split_origin(loaded.recipe.data, split)
+        raise DataError(
+            f"{origin + ': ' if origin else ''}the {split} split has no labels "
+            f"({', '.join(loaded.task.reference_columns)}): there is nothing to score it against; the run's "
+            f"{runs.predictions_file(split)} holds its predictions, or use peftkit predict"
+        )
     subset = DatasetDict({name: raw[name] for name in dict.fromkeys(("train", split))})
     try:
         labels = loaded.task.prepare_labels(subset, loaded.recipe.task)

@@ -56,7 +56,7 @@ def verification_sample(
 
     collate = task.collator(ctx, model)  # also writes a seq2seq task's generation settings into the model
     try:
-        raw = load_raw_datasets(recipe.data, task.columns)
+        raw = load_raw_datasets(recipe.data, task)
     except (DataError, OSError, ValueError) as exc:
         logger.warning("verification uses random token ids: the run's data cannot be read (%s)", exc)
         return _random_sample(ctx, model, samples, batch_size, reason=str(exc))

@@ -124,7 +124,7 @@ def plan_recipe(recipe: Recipe, seq_len: int | None = None, device: str | None =
     from peftkit.modeling import load_stack
 
     task = TASKS[recipe.task_name]
-    raw = load_raw_datasets(recipe.data, task.columns)
+    raw = load_raw_datasets(recipe.data, task)
     ctx = load_stack(recipe, task.prepare_labels(raw, recipe.task), with_model=False).ctx
     model_config = ctx.model_config
     for key, value in task.model_kwargs(ctx).items():

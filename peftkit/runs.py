@@ -614,7 +614,7 @@ def run_labels(run_dir: Path, recipe: Any, meta: dict[str, Any]) -> tuple[str, .
             "%s has no %s (unfinished run): reading the labels from the training data", run_dir, LABELS
         )
         task = TASKS[recipe.task_name]
-        return task.prepare_labels(load_raw_datasets(recipe.data, task.columns), recipe.task)
+        return task.prepare_labels(load_raw_datasets(recipe.data, task), recipe.task)
     labels_data = read_json_object(labels_path, {"labels": (list, type(None))})
     labels = tuple(labels_data["labels"]) if labels_data["labels"] is not None else None
     if labels is not None and (not labels or not all(isinstance(label, str) for label in labels)):

@@ -7,6 +7,7 @@ the Trainer is built by :mod:`peftkit.trainer`; evaluation is :mod:`peftkit.eval
 
 from __future__ import annotations
 
+import logging
 import resource
 import time
 from collections.abc import Sequence
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.recipe import Recipe
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,7 +39,7 @@ def finetune(
 
     from peftkit import runs
     from peftkit.adapters import apply_adapter, count_parameters
-    from peftkit.data import data_fingerprints, load_raw_datasets, tokenize_splits
+    from peftkit.data import data_fingerprints, is_labelled, load_raw_datasets, tokenize_splits
     from peftkit.evaluation import evaluate_split
     from peftkit.lifecycle import run_lifecycle
     from peftkit.modeling import load_model_config, load_model_for_training, load_tokenizer
@@ -56,7 +59,7 @@ def finetune(
         # data: in a distributed launch the main process loads and tokenizes first, filling the datasets
         # cache, and the others then read it
         with args.main_process_first(local=True, desc="loading and tokenizing data"):
-            raw = load_raw_datasets(recipe.data, task.columns)
+            raw = load_raw_datasets(recipe.data, task)
             labels = task.prepare_labels(raw, recipe.task)
             # early, so that a checkpoint of an interrupted run can be used on its own
             run.main_only(runs.write_labels, run.dir, task.name, labels)
@@ -74,7 +77,10 @@ def finetune(
         with run.training(trainer):
             checkpoint = str(run.checkpoint) if run.checkpoint else None
             train_output = trainer.train(resume_from_checkpoint=checkpoint)
-        # evaluate the kept (best) model on validation and test
+        # save first: nothing that can fail later (evaluation, a test split without labels) loses the
+        # adapter. Every rank joins (under ZeRO-3 save_model gathers the adapter's shards); rank 0 writes
+        save_trained_model(trainer, run.dir, task.best_metric(recipe.task)[0], main=run.main)
+        # evaluate the kept (best) model on validation and test; a split without labels is only predicted
         metrics: dict[str, Any] = {"train": dict(train_output.metrics)}
         for split in ("validation", "test"):
             if split not in features:
@@ -82,8 +88,17 @@ def finetune(
             split_metrics, predictions, references = evaluate_split(
                 trainer, task, ctx, raw[split], features[split], split
             )
-            metrics[split] = split_metrics
             run.main_only(runs.write_predictions, run.dir, split, predictions, references)
+            if is_labelled(raw[split], task):
+                metrics[split] = split_metrics
+            elif run.main:
+                logger.info(
+                    "the %s split has no labels: %d predictions written to %s, no %s metrics",
+                    split,
+                    len(predictions),
+                    runs.predictions_file(split),
+                    split,
+                )
         metrics["trainable_params"] = trainable
         metrics["total_params"] = total
         # how much optimizer state is really 8-bit: bitsandbytes keeps tensors < 4096 elements in fp32
@@ -93,7 +108,5 @@ def finetune(
         metrics["best_checkpoint"] = trainer.state.best_model_checkpoint
         if run.checkpoint is not None:
             metrics["resumed_from"] = str(run.checkpoint)
-        # save: every rank joins (under ZeRO-3 save_model gathers the adapter's shards); rank 0 writes
-        save_trained_model(trainer, run.dir, task.best_metric(recipe.task)[0], main=run.main)
-        run.complete(task.name, ctx.labels, metrics, trainer.state.log_history, data_fingerprints(raw))
+        run.complete(task.name, ctx.labels, metrics, trainer.state.log_history, data_fingerprints(raw, task))
     return RunResult(run_dir=run.dir, metrics=metrics)

@@ -157,7 +157,7 @@ def build_run(recipe_path: Path, run_dir: Path, overrides: list[str], steps: int
     recipe = load_recipe(recipe_path, overrides)
     task = TASKS[recipe.task_name]
     torch.manual_seed(recipe.train["seed"])
-    raw = load_raw_datasets(recipe.data, task.columns)
+    raw = load_raw_datasets(recipe.data, task)
     stack = load_stack(recipe, task.prepare_labels(raw, recipe.task))
     ctx, tokenizer = stack.ctx, stack.ctx.tokenizer
     model = apply_adapter(stack.model, recipe.adapter, task, ctx.model_config)

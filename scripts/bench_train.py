@@ -352,7 +352,7 @@ def sampler_padding(recipe_ref: str, epochs: int, mega_batch_mult: int | None = 
 
     recipe = load_recipe(RECIPES.get(recipe_ref, recipe_ref))
     task = TASKS[recipe.task_name]
-    raw = load_raw_datasets(recipe.data, task.columns)
+    raw = load_raw_datasets(recipe.data, task)
     ctx = load_stack(recipe, task.prepare_labels(raw, recipe.task), with_model=False).ctx
     lengths = list(tokenize_splits({"train": raw["train"]}, task, ctx)["train"]["length"])
     batch = recipe.train["per_device_train_batch_size"]

@@ -52,6 +52,8 @@ KEY_EFFECT_TESTS: dict[str, str] = {
         "tests/integration/test_token_cls.py::test_finetune_writes_labels_metrics_and_per_word_predictions"
     ),
     "data.config": f"{DATA}::test_config_names_the_hub_dataset_configuration",
+    "data.revision": f"{DATA}::test_splits_pick_rename_and_skip_and_revision_reaches_load_dataset",
+    "data.splits": f"{DATA}::test_splits_pick_rename_and_skip_and_revision_reaches_load_dataset",
     "data.train_file": _SPLITS,
     "data.validation_file": _CONLL,
     "data.test_file": _SPLITS,

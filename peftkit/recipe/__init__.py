@@ -77,6 +77,14 @@ class DataSection(_Section):
         None, description="Hub dataset id, or a local folder holding train/validation/test files."
     )
     config: str | None = Field(None, description="Hub dataset configuration name.")
+    revision: str | None = Field(
+        None, description="Hub dataset revision (a commit, tag or branch) passed to load_dataset."
+    )
+    splits: dict[Literal["train", "validation", "test"], str | Literal[False]] = Field(
+        default_factory=dict,
+        description="Pick, rename or skip splits: peftkit split → the dataset's split name (a file stem in "
+        "a folder), or false to skip it, e.g. {validation = 'validation_matched', test = false}.",
+    )
     train_file: str | None = None
     validation_file: str | None = None
     test_file: str | None = None
@@ -629,6 +637,20 @@ def _resolve_data_paths(
             Problem("data", "no training data", "set dataset = <Hub id or folder> or train_file = <path>")
         )
         return section
+    if section.splits.get("train") is False:
+        problems.append(
+            Problem("data.splits.train", "the train split cannot be skipped", "name the split to train on")
+        )
+    named = {split: source for split, source in section.splits.items() if isinstance(source, str)}
+    if named and not section.dataset:
+        split = next(iter(named))
+        problems.append(
+            Problem(
+                f"data.splits.{split}",
+                "names a split of a dataset, but the data comes from *_file keys",
+                f"set {split}_file = <path> instead (false, to skip a split, is fine)",
+            )
+        )
     for key, value in files.items():
         if value is None:
             continue
@@ -648,6 +670,14 @@ def _resolve_data_paths(
                 Problem("data.dataset", f"{resolved} is a file", "use train_file for a single file")
             )
         updates["dataset"] = resolved
+    if section.revision is not None and (not section.dataset or Path(updates["dataset"]).is_absolute()):
+        problems.append(
+            Problem(
+                "data.revision",
+                "pins a Hub dataset's version, but the data is local files",
+                "remove it (local files have no revision)",
+            )
+        )
     return section.model_copy(update=updates)
 
 

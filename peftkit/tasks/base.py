@@ -22,7 +22,7 @@ reloaded run directory reproduces the training run's test predictions.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -110,6 +110,13 @@ class Task:
     is_detail_metric: Callable[[str], bool] = _no_detail_metrics
     # the column that cross-validation folds are stratified on (None: plain K-fold)
     stratify_column: str | None = None
+    # canonical column -> what every record must hold there, checked by peftkit.data with file and line:
+    # "text" (a non-empty string), "label" (one class name or number), "words" (a non-empty list of
+    # strings), "tags" (a list), "id" (a string or an integer), "answers" (present; the task checks the rest)
+    column_kinds: dict[str, str] = field(default_factory=dict)
+    # the columns holding the references: a test split without them (or with null, or label -1, in every
+    # record) is predicted, not scored
+    reference_columns: tuple[str, ...] = ()
 
     def best_metric(self, cfg: Any) -> tuple[str, bool]:
         """The metric that picks the best checkpoint, and whether greater is better."""

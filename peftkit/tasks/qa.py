@@ -603,4 +603,6 @@ TASK = Task(
     input_columns=("id", "question", "context"),
     score_example=score_example,
     is_detail_metric=is_detail_metric,
+    column_kinds={"id": "id", "question": "text", "context": "text", "answers": "answers"},
+    reference_columns=("answers",),
 )

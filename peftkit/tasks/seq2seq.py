@@ -726,4 +726,6 @@ TASK = Task(
     pipeline_task=_pipeline_task,
     input_columns=("source",),
     score_example=score_example,
+    column_kinds={"source": "text", "target": "text"},
+    reference_columns=("target",),
 )

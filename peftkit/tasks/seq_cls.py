@@ -21,7 +21,10 @@ class SeqClsConfig(TaskConfig):
         None, ge=1, description="1 for regression; otherwise discovered from the training data."
     )
     label_list: list[str] | None = Field(
-        None, description="Label names in id order; default: sorted labels found in the training split."
+        None,
+        description="Label names in id order; integer labels are ids into it (unless the names are "
+        "integers themselves). Default: the dataset's ClassLabel names, else the sorted labels found in "
+        "the training split.",
     )
     predict_batch_size: int = Field(64, ge=1, description="Batch size of `peftkit predict`.")
     class_weights: Literal["balanced"] | list[float] | None = Field(
@@ -76,6 +79,14 @@ def _label_key(value: Any) -> str:
     return str(value)
 
 
+def _is_integer(name: str) -> bool:
+    try:
+        int(name)
+    except ValueError:
+        return False
+    return True
+
+
 def prepare_labels(raw: Any, cfg: SeqClsConfig) -> tuple[str, ...] | None:
     """Label names in id order: the recipe's label_list, the dataset's ClassLabel names, or sorted values.
 
@@ -120,15 +131,22 @@ def prepare_labels(raw: Any, cfg: SeqClsConfig) -> tuple[str, ...] | None:
             f"train split has {len(labels)} distinct label(s) {list(labels)}; classification needs at least 2"
         )
     known = set(labels)
+    # integer labels are ids into the names: the dataset's ClassLabel names, or a label_list of names that
+    # are not themselves integers (label_list = ["0", "1"] names the values 0 and 1)
+    ids = bool(names) if cfg.label_list is None else not any(_is_integer(name) for name in cfg.label_list)
     for split, ds in raw.items():
         if "label" not in ds.column_names:
             continue
         for i, value in enumerate(ds["label"]):
-            key = (
-                labels[value]
-                if names and not cfg.label_list and isinstance(value, int)
-                else _label_key(value)
-            )
+            if ids and isinstance(value, int) and not isinstance(value, bool):
+                if not 0 <= value < len(labels):
+                    raise DataError(
+                        f"{split} split, record {i}: label id {value} is out of range for the "
+                        f"{len(labels)} label names {list(labels)}; fix the data or list every label in "
+                        "[task] label_list, in id order"
+                    )
+                continue
+            key = _label_key(value)
             if key not in known:
                 where = "is not in task.label_list" if cfg.label_list else "does not occur in the train split"
                 raise DataError(
@@ -333,4 +351,6 @@ TASK = Task(
     score_example=score_example,
     is_detail_metric=is_detail_metric,
     stratify_column="label",
+    column_kinds={"text": "text", "text_pair": "text", "label": "label"},
+    reference_columns=("label",),
 )

@@ -687,4 +687,6 @@ TASK = Task(
     input_columns=("tokens",),
     score_example=score_example,
     is_detail_metric=is_detail_metric,
+    column_kinds={"tokens": "words", "tags": "tags"},
+    reference_columns=("tags",),
 )

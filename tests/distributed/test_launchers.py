@@ -86,7 +86,7 @@ def reload_predictions(run_dir: Path) -> tuple[list[Any], dict[str, float]]:
     from peftkit.runs import load_run
 
     loaded = load_run(run_dir)
-    test = load_raw_datasets(loaded.recipe.data, loaded.task.columns)["test"]
+    test = load_raw_datasets(loaded.recipe.data, loaded.task)["test"]
     records = [{"text": text} for text in test["text"]]
     labels = [r["prediction"] for r in loaded.task.predict(loaded.model, loaded.ctx, records)]
     return labels, evaluate_run(run_dir, "test")
@@ -168,7 +168,7 @@ def merge_zero3(run_dir: Path, out: Path) -> dict[str, float]:
     from peftkit.runs import load_run
 
     loaded = load_run(run_dir)
-    test = load_raw_datasets(loaded.recipe.data, loaded.task.columns)["test"]
+    test = load_raw_datasets(loaded.recipe.data, loaded.task)["test"]
     labels = [loaded.ctx.labels.index(label) for label in test["label"]]
     encoded = loaded.ctx.tokenizer(
         list(test["text"]), truncation=True, max_length=64, padding=True, return_tensors="pt"

@@ -225,8 +225,8 @@ def cut_data(name: str, drop: int) -> Damage:
 DATA_CASES: dict[str, tuple[Damage, str]] = {
     "test file cut mid-row": (
         cut_data("test.csv", 6),  # the last row keeps its text but loses its label
-        "{data}/test.csv: test split, record 7: label None does not occur in the train split; known labels: "
-        "['ham', 'spam']. Fix the data or list every label in [task] label_list",
+        "1 record(s) cannot be used:\n  {data}/test.csv:9: no 'label' field (a missing or null value); every "
+        "record needs one",
     ),
     "a test label the run never saw": (
         edit_data("test.csv", "text,label\nwin cash,spam\nhello,eggs\n"),
@@ -245,10 +245,9 @@ DATA_CASES: dict[str, tuple[Damage, str]] = {
         edit_data("test.csv", "text,label\n"),
         "{data}/test.csv: has no examples; fill it or remove it from the recipe",
     ),
-    "the label column gone": (
+    "the label column gone": (  # a test split without labels is predicted at finetune, never scored
         edit_data("test.csv", "text\nhello\n"),
-        "{data}/test.csv: missing column(s) ['label']; the data has ['text']. Map them in the recipe: "
-        "[data] columns = {{label = '<column>'}}",
+        "{data}/test.csv: the test split has no labels (label): there is nothing to score it against",
     ),
     "the training data changed its labels": (
         edit_data("train.csv", "text,label\na,ham\nb,spam\nc,eggs\n"),

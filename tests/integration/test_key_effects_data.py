@@ -161,3 +161,53 @@ def test_config_names_the_hub_dataset_configuration(
     run = finetune_raw(seq_cls_raw(tiny_bert_dir, {"dataset": "someone/sms", "config": "en"}), tmp_path)
     assert requested == [("someone/sms", "en")]
     assert read_json(run / "peftkit_run.json")["data"]["train"]["rows"] == 21  # 24 less the 10% held out
+
+
+def test_splits_pick_rename_and_skip_and_revision_reaches_load_dataset(
+    tmp_path: Path, tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.splits picks the Hub dataset's split for validation (by its own name) and skips its test split;
+    data.revision is what ``load_dataset`` gets, and the run record keeps it (offline: the Hub call is
+    answered in-process with a small DatasetDict in the layout of GLUE MNLI)."""
+    import datasets
+
+    requested: list[dict[str, Any]] = []
+    lines = write_csv(tmp_path / "t.csv", 40).read_text().splitlines()[1:]
+    rows = [line.rsplit(",", 1) for line in lines]
+
+    def split(start: int, stop: int) -> Any:
+        part = rows[start:stop]
+        return datasets.Dataset.from_dict({"text": [r[0] for r in part], "label": [r[1] for r in part]})
+
+    def load_dataset(path: str, name: str | None = None, *args: Any, **kwargs: Any) -> Any:
+        requested.append({"path": path, "name": name, **kwargs})
+        return datasets.DatasetDict(
+            {
+                "train": split(0, 24),
+                "validation_matched": split(24, 29),
+                "validation_mismatched": split(29, 36),
+                "test": split(36, 40),
+            }
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    data = {
+        "dataset": "someone/mnli",
+        "revision": "0123abcd",
+        "splits": {"validation": "validation_mismatched", "test": False},
+    }
+    run = finetune_raw(seq_cls_raw(tiny_bert_dir, data), tmp_path)
+    assert requested == [{"path": "someone/mnli", "name": None, "revision": "0123abcd"}]
+    meta = read_json(run / "peftkit_run.json")
+    assert meta["recipe"]["data"]["revision"] == "0123abcd"
+    assert {name: info["rows"] for name, info in meta["data"].items()} == {"train": 24, "validation": 7}
+    assert len(read_jsonl(run / "predictions_validation.jsonl")) == 7
+    assert not (run / "predictions_test.jsonl").exists()
+    # without [data] splits: the split named "test" is used, and no split is called "validation", so a share
+    # of train is held out
+    default = finetune_raw(seq_cls_raw(tiny_bert_dir, {"dataset": "someone/mnli"}), tmp_path, "default")
+    rows_default = {
+        name: info["rows"] for name, info in read_json(default / "peftkit_run.json")["data"].items()
+    }
+    assert rows_default == {"train": 21, "validation": 3, "test": 4}
+    assert requested[-1] == {"path": "someone/mnli", "name": None}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -36,3 +37,32 @@ def test_summary_is_mean_and_sample_std_of_every_numeric_leaf() -> None:
     assert summary["validation.f1"]["mean"] == pytest.approx(0.7)
     assert summary["validation.f1"]["std"] == pytest.approx(statistics.stdev([0.5, 0.7, 0.9]))
     assert summary["wall_time_s"] == pytest.approx({"mean": 12, "std": 2.0, "min": 10, "max": 14, "n": 3})
+
+
+def test_a_fold_recipe_reads_its_own_files_not_the_hub_split_names(tmp_path: Path) -> None:
+    """[data] splits and revision describe the source dataset (already read): the fold recipe of a Hub
+    recipe that sets them is valid and reads only the fold's files."""
+    from peftkit.cv import _fold_recipe
+    from peftkit.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(
+        {
+            "model": {"name_or_path": "someone/model"},
+            "task": {"type": "seq_cls"},
+            "data": {
+                "dataset": "nyu-mll/glue",
+                "config": "mnli",
+                "revision": "0123abcd",
+                "splits": {"validation": "validation_matched", "test": False},
+            },
+        },
+        base_dir=tmp_path,
+        check_files=False,
+    )
+    files = {}
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.jsonl").write_text('{"text": "a", "label": "x"}\n', encoding="utf-8")
+        files[f"{split}_file"] = str(tmp_path / f"{split}.jsonl")
+    fold = _fold_recipe(recipe, files, ("x", "y"), tmp_path / "run", 1)
+    assert fold.data.splits == {} and fold.data.revision is None and fold.data.dataset is None
+    assert fold.data.train_file == files["train_file"]

@@ -279,7 +279,7 @@ def test_token_and_tag_counts_that_differ_name_split_and_record() -> None:
     from peftkit.data import load_raw_datasets
     from peftkit.recipe import DataSection
 
-    raw = load_raw_datasets(DataSection(dataset=str(FIXTURES / "token_cls/mismatch")), TASK.columns)
+    raw = load_raw_datasets(DataSection(dataset=str(FIXTURES / "token_cls/mismatch")), TASK)
     with pytest.raises(DataError) as caught:
         prepare_labels(raw, TokenClsConfig())
     assert str(caught.value).startswith(
@@ -292,7 +292,7 @@ def test_a_validation_tag_missing_from_train_names_split_record_and_tag() -> Non
     from peftkit.data import load_raw_datasets
     from peftkit.recipe import DataSection
 
-    raw = load_raw_datasets(DataSection(dataset=str(FIXTURES / "ner/unknown_tag")), TASK.columns)
+    raw = load_raw_datasets(DataSection(dataset=str(FIXTURES / "ner/unknown_tag")), TASK)
     with pytest.raises(DataError) as caught:
         prepare_labels(raw, TokenClsConfig())
     message = str(caught.value)
