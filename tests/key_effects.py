@@ -133,6 +133,7 @@ KEY_EFFECT_TESTS: dict[str, str] = {
     "task.seq2seq.prompt_template": _S2S_PROMPT,
     "task.seq2seq.use_chat_template": _S2S_PROMPT,
     "task.seq2seq.system_prompt": _S2S_PROMPT,
+    "task.seq2seq.chat": "tests/integration/test_chat_cli.py::test_chat_run_scores_the_last_reply",
     "task.seq2seq.max_source_length": _S2S_PROMPT,
     "task.seq2seq.max_target_length": _S2S_PROMPT,
     "task.seq2seq.num_beams": _S2S_GENERATION,

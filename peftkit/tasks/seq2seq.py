@@ -6,6 +6,8 @@ The family is read from the base model's config (``is_encoder_decoder``), never 
   the target the labels; ``DataCollatorForSeq2Seq`` pads labels with -100 and builds the decoder inputs.
 * decoder-only (Llama-style causal LMs): the prompt (the source in the prompt template, optionally in the
   tokenizer's chat template) and the target are one sequence; only the target and its EOS are labelled.
+  With ``[task] chat = true`` the records are multi-turn conversations instead (a ``messages`` list): every
+  assistant turn is labelled, nothing else (:mod:`peftkit.tasks.chat`).
   Training features are right padded. Evaluation features hold only the prompt (left padded, as generation
   needs) and the reference target as labels; :class:`GenerationTrainer` generates from the prompt, strips
   it from the output, and computes the eval loss by joining prompt and target again.
@@ -26,6 +28,7 @@ from pydantic import Field, field_validator, model_validator
 
 from peftkit.errors import DataError, PeftkitError
 from peftkit.metrics.generation import decode_token_ids, generation_metrics
+from peftkit.tasks import chat as chat_format
 from peftkit.tasks.base import Task, TaskConfig, TaskContext
 
 logger = logging.getLogger(__name__)
@@ -78,6 +81,15 @@ class Seq2SeqConfig(TaskConfig):
         description="Metrics on generated text; the first picks the best checkpoint ('rouge': rougeL).",
     )
     predict_batch_size: int = Field(16, ge=1, description="Batch size of `peftkit predict`.")
+    chat: bool = Field(
+        False,
+        description="Decoder-only models with a chat template: each record is a conversation, a 'messages' "
+        "list of {role, content} turns (system optional and first), instead of source/target. The loss is on "
+        "every assistant turn (its content and end-of-turn token) and nothing else; evaluation and predict "
+        "generate the last assistant turn from the turns before it. A conversation may take "
+        "max_source_length + max_target_length tokens: longer ones lose their oldest exchanges (counted in "
+        "a warning), never part of a turn.",
+    )
 
     @field_validator("prompt_template")
     @classmethod
@@ -104,6 +116,13 @@ class Seq2SeqConfig(TaskConfig):
             )
         if self.system_prompt is not None and self.use_chat_template is False:
             raise ValueError("system_prompt needs the chat template; remove it or use_chat_template = false")
+        if self.chat and (self.prompt_template is not None or self.source_prefix):
+            raise ValueError(
+                "chat = true trains on conversations rendered by the chat template; remove prompt_template "
+                "and source_prefix (put instructions in system_prompt or in the conversations)"
+            )
+        if self.chat and self.use_chat_template is False:
+            raise ValueError("chat = true needs the chat template; remove use_chat_template = false")
         # max_length is inherited but unused; resolved recipes carry its default, so only a change is refused
         if self.max_length != TaskConfig.model_fields["max_length"].default:
             raise ValueError(
@@ -126,7 +145,9 @@ class Seq2SeqConfig(TaskConfig):
         return self.max_new_tokens if self.max_new_tokens is not None else self.max_target_length
 
 
-COLUMNS = {"source": True, "target": True}
+# source/target for prompt → target records, messages for conversations ([task] chat); prepare_labels
+# checks that each record has the ones its format needs
+COLUMNS = {"source": False, "target": False, "messages": False}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,6 +184,9 @@ def prepare_labels(raw: Any, cfg: Seq2SeqConfig) -> None:
     An empty target would teach the model to stop at once, and an empty source has nothing to condition on,
     so both are refused with the split and record number.
     """
+    if cfg.chat:
+        _check_conversations(raw)
+        return None
     for split, ds in raw.items():
         for field in cfg.template_fields:
             if field not in ds.column_names:
@@ -187,6 +211,19 @@ def prepare_labels(raw: Any, cfg: Seq2SeqConfig) -> None:
                         f"fix [data] columns so that {column!r} maps to the right column"
                     )
     return None
+
+
+def _check_conversations(raw: Any) -> None:
+    for split, ds in raw.items():
+        if "messages" not in ds.column_names:
+            if split == "test":
+                continue
+            raise DataError(
+                f"{split} split has no 'messages' column (columns: {ds.column_names}); [task] chat = true "
+                "reads conversations from it: map yours with [data] columns = {messages = '<your column>'}"
+            )
+        for i, value in enumerate(ds["messages"]):
+            chat_format.check_messages(value, f"{split} split, record {i}", needs_reply=True)
 
 
 def _check_texts(values: Sequence[Any], column: str) -> list[str]:
@@ -318,6 +355,8 @@ def preprocess(batch: dict[str, list[Any]], ctx: TaskContext, train: bool) -> di
     ``input_ids = prompt`` and ``labels = target + EOS``. ``labels`` are absent when the batch has no targets.
     """
     cfg: Seq2SeqConfig = ctx.cfg
+    if cfg.chat:
+        return _preprocess_chat(batch, ctx, train)
     sources = _check_texts(batch["source"], "source")
     targets = _check_texts(batch["target"], "target") if batch.get("target") is not None else None
     sources, source_lengths = _truncate_to_tokens(sources, ctx.tokenizer, cfg.max_source_length)
@@ -327,6 +366,62 @@ def preprocess(batch: dict[str, list[Any]], ctx: TaskContext, train: bool) -> di
     if is_encoder_decoder(ctx.model_config):
         return _preprocess_encoder_decoder(prompts, targets, ctx)
     return _preprocess_decoder_only(prompts, targets, ctx, train)
+
+
+def _chat_context(ctx: TaskContext) -> None:
+    if is_encoder_decoder(ctx.model_config):
+        raise PeftkitError(
+            "[task] chat = true applies to decoder-only models; this model is an encoder-decoder: remove "
+            "chat and give source/target records"
+        )
+    if not getattr(ctx.tokenizer, "chat_template", None):
+        raise PeftkitError(
+            "[task] chat = true, but the tokenizer has no chat template; load a tokenizer that has one "
+            "([model] tokenizer) or remove chat"
+        )
+
+
+def _preprocess_chat(batch: dict[str, list[Any]], ctx: TaskContext, train: bool) -> dict[str, Any]:
+    """Conversations → features. Training: the whole conversation, assistant turns labelled. Evaluation:
+    the conversation before the last assistant turn (left padded for generation) and that turn as labels.
+    Conversations over budget lose their oldest exchanges; in training, one whose last exchange alone is
+    over budget is skipped. Both are counted in a warning."""
+    _chat_context(ctx)
+    cfg: Seq2SeqConfig = ctx.cfg
+    budget = cfg.max_source_length + cfg.max_target_length
+    tokenizer = ctx.tokenizer
+    features: dict[str, list[Any]] = {"input_ids": [], "attention_mask": [], "labels": []}
+    cut = skipped = 0
+    for i, messages in enumerate(batch["messages"]):
+        turns = chat_format.with_system(
+            chat_format.check_messages(messages, f"record {i} of this batch", needs_reply=True),
+            cfg.system_prompt,
+        )
+        encoded = chat_format.fit(tokenizer, turns, budget, keep_long=not train)
+        if encoded is None:
+            skipped += 1
+            continue
+        cut += encoded.dropped_turns > 0
+        if train:
+            ids, labels = encoded.input_ids, encoded.labels
+        else:
+            ids = encoded.input_ids[: encoded.last_turn]
+            labels = [t for t in encoded.labels[encoded.last_turn :] if t != IGNORE_INDEX]
+        features["input_ids"].append(ids)
+        features["attention_mask"].append([1] * len(ids))
+        features["labels"].append(labels)
+    if cut or skipped:
+        logger.warning(
+            "%d of %d conversations in this batch are longer than max_source_length + max_target_length = %d "
+            "tokens: %d lost their oldest exchanges, %d were skipped (their last exchange alone is longer); "
+            "raise [task] max_source_length to keep them whole",
+            cut + skipped,
+            len(batch["messages"]),
+            budget,
+            cut,
+            skipped,
+        )
+    return features
 
 
 def _preprocess_encoder_decoder(
@@ -479,7 +574,7 @@ def prepare_model_for_generation(model: Any, ctx: TaskContext) -> None:
         generation.decoder_start_token_id = config.decoder_start_token_id
     else:
         # Targets end with the tokenizer's EOS; keep any other stop ids the model already has.
-        target_eos = _eos_token_id(ctx)
+        target_eos = chat_format.end_of_turn_id(tokenizer) if ctx.cfg.chat else _eos_token_id(ctx)
         known = generation.eos_token_id
         known_ids = [] if known is None else [known] if isinstance(known, int) else list(known)
         others = [i for i in known_ids if i != target_eos]
@@ -633,7 +728,9 @@ def postprocess(
     if isinstance(predictions, (tuple, list)):
         predictions = predictions[0]
     texts = decode_token_ids(predictions, ctx.tokenizer)
-    if examples is not None and "target" in getattr(examples, "column_names", ()):
+    if ctx.cfg.chat and examples is not None and "messages" in getattr(examples, "column_names", ()):
+        references = [chat_format.last_reply(list(m)) for m in examples["messages"]]
+    elif examples is not None and "target" in getattr(examples, "column_names", ()):
         references = [str(t) for t in examples["target"]]
     elif eval_prediction.label_ids is not None:
         references = decode_token_ids(eval_prediction.label_ids, ctx.tokenizer)
@@ -652,14 +749,41 @@ def compute_metrics(
     return generation_metrics(list(predictions), list(references), ctx.cfg.metrics)
 
 
+def _chat_prompts(chunk: list[dict[str, Any]], start: int, ctx: TaskContext) -> dict[str, Any]:
+    """Predict features of conversations: the turns before the last assistant turn (or all of them when
+    the conversation ends with the user), ending with the assistant header."""
+    _chat_context(ctx)
+    prompts = []
+    for offset, record in enumerate(chunk):
+        turns = chat_format.check_messages(
+            record.get("messages"), f"record {start + offset}", needs_reply=False
+        )
+        prompts.append(
+            chat_format.generation_prompt(
+                ctx.tokenizer, chat_format.with_system(turns, ctx.cfg.system_prompt)
+            )
+        )
+    return {"input_ids": prompts, "attention_mask": [[1] * len(ids) for ids in prompts]}
+
+
 def predict(model: Any, ctx: TaskContext, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Generate for records ``{source}``: ``{"prediction": text}`` each; generation stops at EOS."""
+    """Generate for records ``{source}`` (or ``{messages}`` with ``[task] chat``: the reply after the last
+    user turn): ``{"prediction": text}`` each; generation stops at EOS (chat: the end-of-turn token)."""
     collate = collator(ctx, model)
     model.eval()
     results: list[dict[str, Any]] = []
     size = ctx.cfg.predict_batch_size
     for start in range(0, len(records), size):
         chunk = records[start : start + size]
+        if ctx.cfg.chat:
+            features = _chat_prompts(chunk, start, ctx)
+            rows = [{k: v[i] for k, v in features.items()} for i in range(len(chunk))]
+            batch = collate(rows)
+            generated = generate_from_prompts(
+                model, batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+            )
+            results += [{"prediction": text} for text in decode_token_ids(generated.cpu(), ctx.tokenizer)]
+            continue
         for offset, record in enumerate(chunk):
             if not isinstance(record.get("source"), str) or not record["source"].strip():
                 raise DataError(
@@ -686,10 +810,15 @@ def score_example(record: dict[str, Any], predicted: dict[str, Any], ctx: TaskCo
     """Error analysis: sentence chrF, lowest first."""
     from sacrebleu.metrics import CHRF
 
-    reference, prediction = str(record["target"]), str(predicted["prediction"])
+    if ctx.cfg.chat:
+        turns = list(record["messages"])
+        source, reference = str(turns[-2]["content"]) if len(turns) > 1 else "", chat_format.last_reply(turns)
+    else:
+        source, reference = record["source"], str(record["target"])
+    prediction = str(predicted["prediction"])
     score = float(CHRF().sentence_score(prediction, [reference]).score)
     return {
-        "source": record["source"],
+        "source": source,
         "reference": reference,
         "prediction": prediction,
         "chrf": score,
@@ -724,7 +853,7 @@ TASK = Task(
     training_args_class=_training_args_class,
     title="text-to-text generation",
     pipeline_task=_pipeline_task,
-    input_columns=("source",),
+    input_columns=("source", "messages"),
     score_example=score_example,
     column_kinds={"source": "text", "target": "text"},
     reference_columns=("target",),
