@@ -118,8 +118,10 @@ def _hold_out(train: Any, section: DataSection, origin: str) -> tuple[Any, Any]:
 
 
 def is_labelled(ds: Any, task: Task) -> bool:
-    """Whether a split carries the task's references (a test split without them is only predicted)."""
-    return all(column in ds.column_names for column in task.reference_columns)
+    """Whether a split carries the task's references (a test split without them is only predicted); a
+    task whose records hold them in one of several columns (seq2seq: ``target``, or the conversation's last
+    reply in ``messages``) needs one of them."""
+    return any(column in ds.column_names for column in task.reference_columns)
 
 
 def _no_reference(value: Any) -> bool:
@@ -134,10 +136,10 @@ def _drop_missing_references(raw: Any, task: Task, origin: Mapping[str, str]) ->
         ds = raw[split]
         present = [c for c in task.reference_columns if c in ds.column_names]
         empty = [c for c in present if all(_no_reference(v) for v in ds[c])]
-        if not empty and len(present) == len(task.reference_columns):
-            continue
+        if len(empty) < len(present):
+            continue  # references in one of the task's reference columns (see is_labelled)
         if split != "test":
-            missing = empty or [c for c in task.reference_columns if c not in present]
+            missing = empty or list(task.reference_columns)
             raise DataError(
                 f"{origin[split]}: the {split} split has no {', '.join(map(repr, missing))} in any record "
                 f"(null or -1 everywhere); {split} needs references. Only a test split may be unlabelled"

@@ -855,6 +855,6 @@ TASK = Task(
     pipeline_task=_pipeline_task,
     input_columns=("source", "messages"),
     score_example=score_example,
-    column_kinds={"source": "text", "target": "text"},
-    reference_columns=("target",),
+    column_kinds={"source": "text", "target": "text"},  # conversations: checked by prepare_labels
+    reference_columns=("target", "messages"),  # a pair's target, or a conversation's last reply
 )
