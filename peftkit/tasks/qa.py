@@ -603,4 +603,5 @@ TASK = Task(
     input_columns=("id", "question", "context"),
     score_example=score_example,
     is_detail_metric=is_detail_metric,
+    produced_metrics=lambda cfg: ("exact_match", "f1"),
 )

@@ -687,4 +687,5 @@ TASK = Task(
     input_columns=("tokens",),
     score_example=score_example,
     is_detail_metric=is_detail_metric,
+    produced_metrics=lambda cfg: ("precision", "recall", "f1", "accuracy"),
 )
