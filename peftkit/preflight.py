@@ -194,6 +194,8 @@ def _check_adapter(
         problems.append(Problem(key, f"peft refuses it: {text}", ""))
         return []
     wrapped = [name for name, module in adapted.named_modules() if isinstance(module, BaseTunerLayer)]
+    # what peft wrapped, by pattern (a module also matched by modules_to_save, a task head, is not wrapped)
+    counts = {t: sum(name.endswith(f".{t}") for name in wrapped) for t in counts}
     method = options["method"]
     if not wrapped:
         return [f"# adapter: {method}, {_count(adapted, 'virtual token')}"] if not counts else []

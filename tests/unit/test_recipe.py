@@ -290,3 +290,11 @@ def test_check_value(value: object, annotation: object, ok: bool) -> None:
     }.get(annotation, annotation)  # type: ignore[call-overload]
     assert dataclasses.is_dataclass(TrainingArguments)
     assert (check_value(value, resolved) == "") is ok
+
+
+def test_toml_nesting_scan_skips_strings_and_comments() -> None:
+    from peftkit.recipe import toml_nesting_depth
+
+    text = 'a = "[[[[" # {{{{\nb = [[1], [2]]\nc = """\n[[[\n"""\nd = {x = [{y = 1}]}\n'
+    assert toml_nesting_depth(text) == (3, 6)
+    assert toml_nesting_depth("[train]\nx = 'it''s [ ok'\n") == (1, 1)
