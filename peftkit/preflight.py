@@ -53,7 +53,7 @@ def training_arguments(recipe: Recipe, task: Task, run_dir: Path) -> Any:
         return build(recipe, task, run_dir)
     except ValueError as exc:
         message = str(exc).strip().splitlines()
-        text = " ".join(line.strip() for line in message if line.strip()) or type(exc).__name__
+        text = " ".join(line.strip() for line in message if line.strip()).rstrip(".") or type(exc).__name__
         raise RecipeError(
             recipe.source,
             [Problem(_train_key_named(text, recipe.train), f"TrainingArguments refuses it: {text}", "")],
@@ -105,7 +105,7 @@ def _check_model(recipe: Recipe, task: Task, problems: list[Problem]) -> list[st
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__
 
 
 def position_limit(model: Any) -> tuple[int, str] | None:
@@ -179,8 +179,8 @@ def _check_adapter(
                 Problem(
                     "adapter.target_modules",
                     f"{targets!r} match no module of this {model_config.model_type} model",
-                    f"name its layers, e.g. {_linear_leaf_names(model)}, or remove target_modules for the "
-                    "method's default",
+                    f"name its layers, e.g. {_linear_leaf_names(model, task.head_modules)}, or remove "
+                    "target_modules for the method's default",
                 )
             )
     if len(problems) > before:
@@ -190,8 +190,11 @@ def _check_adapter(
         adapted = get_peft_model(model, peft_config)
     except (ValueError, TypeError) as exc:
         text = _first_line(exc)
-        key = "adapter.target_modules" if "target" in text.lower() else "adapter"
-        problems.append(Problem(key, f"peft refuses it: {text}", ""))
+        if "target" in text.lower():
+            fix = f"name the model's layers, e.g. {_linear_leaf_names(model, task.head_modules)}"
+            problems.append(Problem("adapter.target_modules", f"peft refuses it: {text}", fix))
+        else:
+            problems.append(Problem("adapter", f"peft refuses it: {text}", ""))
         return []
     wrapped = [name for name, module in adapted.named_modules() if isinstance(module, BaseTunerLayer)]
     # what peft wrapped, by pattern (a module also matched by modules_to_save, a task head, is not wrapped)
@@ -199,10 +202,15 @@ def _check_adapter(
     method = options["method"]
     if not wrapped:
         return [f"# adapter: {method}, {_count(adapted, 'virtual token')}"] if not counts else []
-    shown = ", ".join(f"{t!r} matched {n}" for t, n in counts.items())
     leaves = sorted({name.rsplit(".", 1)[-1] for name in wrapped})
+    if counts:
+        shown = ", ".join(f"{t!r} matched {n}" for t, n in counts.items())
+    elif isinstance(targets, str):
+        shown = f"{targets!r} matched {len(wrapped)}"
+    else:
+        shown = f"the method's default for {model_config.model_type}: {leaves}"
     return [
-        f"# adapter.target_modules: {shown}" if shown else f"# adapter.target_modules: default {leaves}",
+        f"# adapter.target_modules: {shown}",
         f"# adapter: {method} adapts {len(wrapped)} modules ({', '.join(leaves)})",
     ]
 
@@ -213,10 +221,9 @@ def _count(model: Any, what: str) -> str:
     return f"{tokens} {what}s" if tokens is not None else "no wrapped modules"
 
 
-def _linear_leaf_names(model: Any, limit: int = 12) -> list[str]:
+def _linear_leaf_names(model: Any, heads: tuple[str, ...], limit: int = 12) -> list[str]:
+    """The model's linear layer names (task heads left out: they are trained in full, not adapted)."""
     import torch
 
-    leaves = sorted(
-        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    )
-    return leaves[:limit]
+    leaves = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return sorted(leaves - set(heads))[:limit]
