@@ -1019,7 +1019,9 @@ def _check_checkpoint_steps(train: dict[str, Any], problems: list[Problem]) -> N
         return
     save = train.get("save_steps", 500)
     evaluate = train.get("eval_steps") or train.get("logging_steps", 500)  # TrainingArguments' fallback
-    if (save >= 1) != (evaluate >= 1) or round(save * 1_000_000) % round(evaluate * 1_000_000):
+    if evaluate <= 0 or save <= 0:
+        return  # refused by TRAIN_VALUE_RULES
+    if round(save * 1_000_000) % round(evaluate * 1_000_000):  # TrainingArguments' own arithmetic
         problems.append(
             Problem(
                 "train.save_steps",
