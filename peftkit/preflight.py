@@ -34,12 +34,13 @@ def check_recipe(recipe: Recipe, *, with_training_arguments: bool = True) -> lis
     """
     task = TASKS[recipe.task_name]
     problems: list[Problem] = []
+    # the model first: TrainingArguments with a ZeRO-3 config make later from_config calls partition weights
+    lines = _check_model(recipe, task, problems)
     if with_training_arguments:
         try:
             training_arguments(recipe, task, recipe.output_dir.resolve())
         except RecipeError as exc:
             problems.extend(exc.problems)
-    lines = _check_model(recipe, task, problems)
     if problems:
         raise RecipeError(recipe.source, problems)
     return lines
