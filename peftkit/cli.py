@@ -130,11 +130,21 @@ def finetune(recipe: Path, overrides: tuple[str, ...], overwrite: bool, resume: 
 @click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE", help=SET_HELP)
 @user_errors
 def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
-    """Check a recipe (no model is loaded) and print it resolved, defaults included."""
+    """Check a recipe (no weights are loaded) and print it resolved, defaults included.
+
+    Besides the recipe's own rules, builds its TrainingArguments, its peft config and the model from its
+    config on the meta device, and says how many modules each target pattern matched.
+    """
     from peftkit.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)
+    _quiet_libraries()
+    from peftkit.preflight import check_recipe
+
+    found = check_recipe(loaded)
     click.echo(f"# {recipe}: valid ({loaded.task_name}, adapter {loaded.adapter['method']})")
+    for line in found:
+        click.echo(line)
     click.echo(json.dumps(loaded.to_dict(), indent=2, default=str))
 
 

@@ -44,12 +44,15 @@ def finetune(
     from peftkit.lifecycle import run_lifecycle
     from peftkit.modeling import load_model_config, load_model_for_training, load_tokenizer
     from peftkit.plan import measure_optimizer_state
+    from peftkit.preflight import check_recipe, training_arguments
     from peftkit.tasks import TASKS
     from peftkit.tasks.base import TaskContext
-    from peftkit.trainer import build_trainer, save_trained_model, training_arguments
+    from peftkit.trainer import build_trainer, save_trained_model
 
     started = time.time()
     task = TASKS[recipe.task_name]
+    # what peftkit validate checks against the libraries and the model, before anything is written
+    check_recipe(recipe, with_training_arguments=False)
     args = training_arguments(recipe, task, recipe.output_dir.resolve())
     with run_lifecycle(recipe, args, overwrite=overwrite, resume=resume) as run:
         # setup

@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import os
+import re
 import sys
 import types
 import typing
@@ -100,7 +102,7 @@ class DataSection(_Section):
     max_train_samples: int | None = Field(None, ge=1)
     max_eval_samples: int | None = Field(None, ge=1)
     max_test_samples: int | None = Field(None, ge=1)
-    seed: int = Field(42, description="Seed for the validation split and for sampling.")
+    seed: int = Field(42, ge=0, lt=2**32, description="Seed for the validation split and for sampling.")
     conll_word_column: int = 0
     conll_tag_column: int = -1
     num_proc: int | None = Field(None, ge=1, description="Processes for tokenization.")
@@ -250,7 +252,11 @@ def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         )
         raise RecipeError(source, [Problem("recipe", "file not found", hint)])
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        depth, line = toml_nesting_depth(text)
+        if depth > MAX_TOML_NESTING:
+            raise RecipeError(source, [_too_deep(f"line {line}", depth)])
+        raw = tomllib.loads(text)
     except UnicodeDecodeError as exc:
         raise RecipeError(
             source, [Problem("recipe", f"not UTF-8 text ({exc.reason})", "save as UTF-8")]
@@ -259,6 +265,8 @@ def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         raise RecipeError(
             source, [Problem("recipe", f"invalid TOML: {exc}", "fix the TOML syntax")]
         ) from None
+    except RecursionError:  # deep nesting the bracket scan does not see (e.g. dotted keys)
+        raise RecipeError(source, [_too_deep("recipe", None)]) from None
     return recipe_from_dict(raw, source=source, base_dir=path.parent, name=path.stem, overrides=overrides)
 
 
@@ -273,7 +281,10 @@ def recipe_from_dict(
 ) -> Recipe:
     """Validate recipe data. Relative paths in [data] and [model] resolve against ``base_dir``."""
     problems: list[Problem] = []
-    data = _deep_copy(raw)
+    try:
+        data = _deep_copy(raw)
+    except RecursionError:
+        raise RecipeError(source, [_too_deep("recipe", None)]) from None
     for override in overrides:
         problem = apply_override(data, override)
         if problem:
@@ -347,10 +358,23 @@ def apply_override(data: dict[str, Any], override: str) -> Problem | None:
     parts = [p.strip() for p in dotted.strip().split(".")]
     if len(parts) < 2 or not all(parts):
         return Problem(f"--set {override}", "expected table.key=value", "e.g. --set adapter.r=16")
+    depth, _ = toml_nesting_depth(text)
+    if depth > MAX_TOML_NESTING:
+        return _too_deep(f"--set {dotted.strip()}", depth)
     try:
         value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as exc:
+        if text.strip().startswith(("[", "{", '"', "'")):
+            # a list, table or quoted string that is not TOML would reach peft as a plain string (a regex)
+            return Problem(
+                f"--set {dotted.strip()}",
+                f"{text.strip()!r} is not a TOML value ({exc})",
+                "quote the strings inside a list or table, e.g. --set "
+                '\'adapter.target_modules=["query", "value"]\'',
+            )
         value = text  # bare words are strings: --set train.optim=adamw_torch
+    except RecursionError:
+        return _too_deep(f"--set {dotted.strip()}", None)
     node = data
     for part in parts[:-1]:
         child = node.setdefault(part, {})
@@ -359,6 +383,55 @@ def apply_override(data: dict[str, Any], override: str) -> Problem | None:
         node = child
     node[parts[-1]] = value
     return None
+
+
+# A recipe is a few tables deep; tomllib (and everything after it) recurses once per level, so a file nested
+# thousands of levels deep would end in a RecursionError. The bound is checked by a scan before parsing.
+MAX_TOML_NESTING = 32
+
+
+def toml_nesting_depth(text: str) -> tuple[int, int]:
+    """(deepest nesting of ``[...]`` / ``{...}`` outside strings and comments, its line): a cheap scan."""
+    depth = deepest = 0
+    line = deepest_line = 1
+    i, n = 0, len(text)
+    while i < n:
+        char = text[i]
+        if char in "\"'":
+            triple = text.startswith(char * 3, i)
+            close = char * 3 if triple else char
+            i += len(close)
+            while i < n and not text.startswith(close, i):
+                if text[i] == "\n":
+                    if not triple:
+                        break  # an unterminated string: tomllib reports it
+                    line += 1
+                i += 2 if char == '"' and text[i] == "\\" else 1
+            i += len(close)
+            continue
+        if char == "#":
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        if char == "\n":
+            line += 1
+        elif char in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest, deepest_line = depth, line
+        elif char in "]}":
+            depth = max(depth - 1, 0)
+        i += 1
+    return deepest, deepest_line
+
+
+def _too_deep(where: str, depth: int | None) -> Problem:
+    levels = f"{depth} levels" if depth is not None else "too deeply"
+    return Problem(
+        where,
+        f"nested {levels} deep (a recipe needs a few; the limit is {MAX_TOML_NESTING})",
+        "flatten the lists and tables",
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,7 +515,44 @@ def _adapter_section(raw: dict[str, Any], problems: list[Problem]) -> dict[str, 
                 out[target] = value
     if method == "lora":
         ok = _check_lora_values(out, problems) and ok
+    elif method in ("loha", "lokr") and "r" in out and out["r"] < 1:
+        problems.append(Problem("adapter.r", f"must be at least 1, got {out['r']!r}", "use 8 or 16"))
+        ok = False
+    for key, value in out.items():
+        refused = _adapter_value_error(key, value)
+        if refused:
+            problems.append(Problem(f"adapter.{key}", *refused))
+            ok = False
     return out if ok else None
+
+
+def _adapter_value_error(key: str, value: Any) -> tuple[str, str] | None:
+    """(problem, fix) for an [adapter] value peft accepts but that can match nothing or fails in peft."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value!r}", "write a number"
+    if key == "target_modules" and value == []:
+        return (
+            "an empty list adapts no module",
+            "remove it (the method's default targets for the model), or name modules: ['query', 'value']",
+        )
+    if key == "target_modules" and isinstance(value, str) and value != "all-linear":
+        if "," in value and re.fullmatch(r"[\w.,\s]+", value):
+            names = [name.strip() for name in value.split(",") if name.strip()]
+            return (
+                f"{value!r} is one string, which peft matches as one regular expression against whole "
+                "module names, so it matches nothing",
+                f"write a list: target_modules = {names!r}",
+            )
+        try:
+            re.compile(value)
+        except re.error as exc:
+            return (
+                f"{value!r} is not a valid regular expression ({exc})",
+                "write a list of module names, e.g. ['query', 'value'], or fix the expression",
+            )
+    if key == "layers_to_transform" and isinstance(value, list) and any(v < 0 for v in value):
+        return f"layer indexes start at 0, got {value!r}", "use indexes from 0 to the number of layers - 1"
+    return None
 
 
 def _check_lora_values(options: dict[str, Any], problems: list[Problem]) -> bool:
@@ -501,11 +611,54 @@ def _train_section(
                 out[key] = value
     if not ok:
         return None
+    for key, value in out.items():
+        refused = _train_value_error(key, value)
+        if refused:
+            problems.append(Problem(f"train.{key}", *refused))
+            ok = False
+    if not ok:
+        return None
     if "eval_strategy" in raw and "save_strategy" not in raw and out.get("load_best_model_at_end"):
         out["save_strategy"] = out["eval_strategy"]  # best-model selection needs them aligned
     if out.get("eval_strategy") == "no":
         out["load_best_model_at_end"] = raw.get("load_best_model_at_end", False)
     return out
+
+
+# [train] values TrainingArguments accepts that fail later (in the optimizer, the DataLoader, numpy's seed):
+# key -> (rule the value must meet, what it must be, how to fix it)
+_POSITIVE_INT = (lambda v: v >= 1, "must be at least 1", "use 1 or more")
+TRAIN_VALUE_RULES: dict[str, tuple[Any, str, str]] = {
+    "learning_rate": (lambda v: v > 0, "must be a positive number", "use e.g. 2e-4"),
+    "per_device_train_batch_size": _POSITIVE_INT,
+    "per_device_eval_batch_size": _POSITIVE_INT,
+    "gradient_accumulation_steps": _POSITIVE_INT,
+    "warmup_steps": (
+        lambda v: v >= 0,
+        "must be 0 or more",
+        "use a number of steps, or a float below 1 for a ratio of the total steps",
+    ),
+    "logging_steps": (lambda v: v > 0, "must be positive", "use a number of steps, e.g. 10"),
+    "eval_steps": (lambda v: v > 0, "must be positive", "use a number of steps, or remove it"),
+    "save_steps": (lambda v: v > 0, "must be positive", "use a number of steps, or remove it"),
+    "seed": (lambda v: 0 <= v < 2**32, "must be in [0, 2**32)", "use e.g. 42"),
+    "data_seed": (lambda v: 0 <= v < 2**32, "must be in [0, 2**32)", "use e.g. 42, or remove it"),
+    "dataloader_num_workers": (lambda v: v >= 0, "must be 0 or more", "use 0 (load in the main process)"),
+    "weight_decay": (lambda v: v >= 0, "must be 0 or more", "use e.g. 0.01"),
+    "max_grad_norm": (lambda v: v >= 0, "must be 0 or more", "use e.g. 1.0"),
+    "num_train_epochs": (lambda v: v > 0, "must be positive", "use e.g. 3"),
+}
+
+
+def _train_value_error(key: str, value: Any) -> tuple[str, str] | None:
+    """(problem, fix) for a [train] value of the right type that TrainingArguments or training refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value!r}", "write a number (nan and inf train nothing)"
+    rule = TRAIN_VALUE_RULES.get(key)
+    if rule is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    check, problem, fix = rule
+    return None if check(value) else (f"{problem}, got {value!r}", fix)
 
 
 def _check_own_train_key(key: str, value: Any) -> str:
@@ -738,6 +891,21 @@ def _check_combinations(
                     "set eval_strategy = 'epoch' or 'steps'",
                 )
             )
+    if train is not None:
+        _check_checkpoint_steps(train, problems)
+        _check_report_to(train.get("report_to"), problems)
+        if task is not None:
+            _check_best_metric(train.get("metric_for_best_model"), task, problems)
+    if model is not None and model.attn_implementation in ATTENTION_PACKAGES:
+        module, package = ATTENTION_PACKAGES[model.attn_implementation]
+        if not _installed(module):
+            problems.append(
+                Problem(
+                    "model.attn_implementation",
+                    f"{model.attn_implementation!r} needs the {package} package, which is not installed",
+                    f"pip install {package} (CUDA GPUs only), or use 'sdpa' (the default) or 'eager'",
+                )
+            )
     if adapter is not None and task is not None:
         method, task_type = adapter.get("method", "lora"), str(getattr(task, "type", ""))
         supported = METHODS[method].tasks if method in METHODS else None
@@ -815,6 +983,105 @@ def _check_combinations(
                 "quantization", f"not supported with method {adapter.get('method')!r}", "use method = 'lora'"
             )
         )
+
+
+# attention kernels that live in a package of their own: kernel -> (module, pip package)
+ATTENTION_PACKAGES = {
+    "flash_attention_2": ("flash_attn", "flash-attn"),
+    "flash_attention_3": ("flash_attn_interface", "flash-attn-3"),
+}
+# Trainer integrations (transformers.integrations INTEGRATION_TO_CALLBACK) -> the pip package that enables it
+REPORT_TO_PACKAGES = {
+    "azure_ml": "azureml-core",
+    "clearml": "clearml",
+    "codecarbon": "codecarbon",
+    "comet_ml": "comet-ml",
+    "dagshub": "dagshub",
+    "dvclive": "dvclive",
+    "flyte": "flytekit",
+    "kubeflow": "kubeflow",
+    "mlflow": "mlflow",
+    "neptune": "neptune",
+    "swanlab": "swanlab",
+    "tensorboard": "tensorboard",
+    "trackio": "trackio",
+    "wandb": "wandb",
+}
+
+
+def _check_report_to(report_to: Any, problems: list[Problem]) -> None:
+    """Every ``report_to`` integration is one transformers knows, installed (else the Trainer raises)."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    wanted = [name for name in names if name not in ("none", "all")]
+    if not wanted:
+        return
+    from transformers.integrations import get_available_reporting_integrations
+
+    available = set(get_available_reporting_integrations())
+    if _installed("flytekit"):
+        available.add("flyte")
+    for name in wanted:
+        if name not in REPORT_TO_PACKAGES:
+            hint = did_you_mean(name, REPORT_TO_PACKAGES)
+            problems.append(
+                Problem(
+                    "train.report_to",
+                    f"unknown integration {name!r}",
+                    f"{hint + ' ' if hint else ''}use one of {', '.join(REPORT_TO_PACKAGES)}, or 'none'",
+                )
+            )
+        elif name not in available:
+            problems.append(
+                Problem(
+                    "train.report_to",
+                    f"{name!r} needs the {REPORT_TO_PACKAGES[name]} package, which is not installed",
+                    f"pip install {REPORT_TO_PACKAGES[name]}, or report_to = ['tensorboard'] (the default, "
+                    "installed)",
+                )
+            )
+
+
+def _check_checkpoint_steps(train: dict[str, Any], problems: list[Problem]) -> None:
+    """load_best_model_at_end with step strategies needs every save step to be an evaluation step."""
+    if not train.get("load_best_model_at_end") or train.get("eval_strategy") != "steps":
+        return
+    if train.get("save_strategy") != "steps":
+        return
+    save = train.get("save_steps", 500)
+    evaluate = train.get("eval_steps") or train.get("logging_steps", 500)  # TrainingArguments' fallback
+    if evaluate <= 0 or save <= 0:
+        return  # refused by TRAIN_VALUE_RULES
+    if round(save * 1_000_000) % round(evaluate * 1_000_000):  # TrainingArguments' own arithmetic
+        problems.append(
+            Problem(
+                "train.save_steps",
+                f"{save!r} is not a multiple of eval_steps ({evaluate!r}); load_best_model_at_end can only "
+                "keep a checkpoint that was evaluated",
+                f"set save_steps to a multiple of {evaluate!r} (e.g. save_steps = eval_steps), or "
+                "load_best_model_at_end = false",
+            )
+        )
+
+
+def _check_best_metric(metric: Any, task: TaskConfig, problems: list[Problem]) -> None:
+    """``metric_for_best_model`` names a metric the task's evaluation produces (else a KeyError later)."""
+    if not isinstance(metric, str):
+        return
+    spec = TASKS[str(getattr(task, "type", ""))]
+    produced = spec.produced_metrics(task)
+    name = metric.removeprefix("eval_")
+    if produced is None or name == "loss" or name in produced or spec.is_detail_metric(name):
+        return
+    choices = ["loss", *produced]
+    hint = did_you_mean(name, choices)
+    problems.append(
+        Problem(
+            "train.metric_for_best_model",
+            f"{metric!r} is not a metric the {spec.name} task produces",
+            f"{hint + ' ' if hint else ''}use one of {', '.join(choices)} (or remove it: the task's default "
+            f"is {spec.best_metric(task)[0]!r})",
+        )
+    )
 
 
 def _zero_stage(config_path: str | None) -> int | None:

@@ -60,6 +60,10 @@ def _no_detail_metrics(key: str) -> bool:
     return False
 
 
+def _unlisted_metrics(cfg: Any) -> tuple[str, ...] | None:
+    return None
+
+
 @dataclass(frozen=True)
 class Task:
     """One task family. Every field is data or a plain function; there is no behaviour here."""
@@ -108,6 +112,9 @@ class Task:
     score_example: Callable[[dict[str, Any], dict[str, Any], TaskContext], dict[str, Any]] | None = None
     # metric key -> True for a per-class or per-type detail (kept out of comparison tables)
     is_detail_metric: Callable[[str], bool] = _no_detail_metrics
+    # cfg -> the headline metric keys compute_metrics returns (besides the details above); the recipe layer
+    # refuses a metric_for_best_model outside them. None: not listed (not checked)
+    produced_metrics: Callable[[Any], tuple[str, ...] | None] = _unlisted_metrics
     # the column that cross-validation folds are stratified on (None: plain K-fold)
     stratify_column: str | None = None
     # canonical column -> what every record must hold there, checked by peftkit.data with file and line:

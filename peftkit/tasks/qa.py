@@ -605,4 +605,5 @@ TASK = Task(
     is_detail_metric=is_detail_metric,
     column_kinds={"id": "id", "question": "text", "context": "text", "answers": "answers"},
     reference_columns=("answers",),
+    produced_metrics=lambda cfg: ("exact_match", "f1"),
 )

@@ -826,6 +826,14 @@ def score_example(record: dict[str, Any], predicted: dict[str, Any], ctx: TaskCo
     }
 
 
+def _produced_metrics(cfg: Seq2SeqConfig) -> tuple[str, ...]:
+    """What :func:`generation_metrics` returns for ``cfg.metrics`` ("rouge" gives rouge1/rouge2/rougeL)."""
+    names = [
+        m for name in cfg.metrics for m in (("rouge1", "rouge2", "rougeL") if name == "rouge" else (name,))
+    ]
+    return (*names, "gen_len")
+
+
 def _pipeline_task(model_config: Any) -> str | None:
     # decoder-only; encoder-decoder models have no pipeline in transformers 5
     return None if is_encoder_decoder(model_config) else "text-generation"
@@ -857,4 +865,5 @@ TASK = Task(
     score_example=score_example,
     column_kinds={"source": "text", "target": "text"},  # conversations: checked by prepare_labels
     reference_columns=("target", "messages"),  # a pair's target, or a conversation's last reply
+    produced_metrics=_produced_metrics,
 )

@@ -350,6 +350,11 @@ TASK = Task(
     input_columns=("text", "text_pair"),
     score_example=score_example,
     is_detail_metric=is_detail_metric,
+    produced_metrics=lambda cfg: (
+        ("mse", "rmse", "mae", "pearson", "spearman")
+        if cfg.is_regression
+        else ("accuracy", "f1_macro", "mcc")
+    ),
     stratify_column="label",
     column_kinds={"text": "text", "text_pair": "text", "label": "label"},
     reference_columns=("label",),

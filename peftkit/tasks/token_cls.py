@@ -689,4 +689,5 @@ TASK = Task(
     is_detail_metric=is_detail_metric,
     column_kinds={"tokens": "words", "tags": "tags"},
     reference_columns=("tags",),
+    produced_metrics=lambda cfg: ("precision", "recall", "f1", "accuracy"),
 )

@@ -290,3 +290,28 @@ def test_check_value(value: object, annotation: object, ok: bool) -> None:
     }.get(annotation, annotation)  # type: ignore[call-overload]
     assert dataclasses.is_dataclass(TrainingArguments)
     assert (check_value(value, resolved) == "") is ok
+
+
+def test_toml_nesting_scan_skips_strings_and_comments() -> None:
+    from peftkit.recipe import toml_nesting_depth
+
+    text = 'a = "[[[[" # {{{{\nb = [[1], [2]]\nc = """\n[[[\n"""\nd = {x = [{y = 1}]}\n'
+    assert toml_nesting_depth(text) == (3, 6)
+    assert toml_nesting_depth("[train]\nx = 'it''s [ ok'\n") == (1, 1)
+
+
+def test_value_rules_accept_what_training_takes(recipe_dir: Path) -> None:
+    """The new range rules refuse only what TrainingArguments or training would: these all load."""
+    steps = ("train.eval_strategy=steps", "train.save_strategy=steps", "train.eval_steps=5")
+    for overrides in (
+        (*steps, "train.save_steps=10"),
+        (*steps, "train.save_steps=5"),
+        ("train.warmup_steps=0", "train.seed=0", "train.dataloader_num_workers=0"),
+        ("train.metric_for_best_model=eval_accuracy",),
+        ("train.metric_for_best_model=f1_b",),  # a per-class detail of seq_cls
+        ("train.report_to=none",),
+        ('adapter.target_modules=["query", "value"]',),
+    ):
+        load_recipe(recipe_dir / "good.toml", overrides)
+    error = problems_of(recipe_dir / "good.toml", (*steps, "train.save_steps=12"))
+    assert [p.key for p in error.problems] == ["train.save_steps"]

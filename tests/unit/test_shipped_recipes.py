@@ -36,3 +36,19 @@ def test_shipped_recipe_validates(path: Path) -> None:
         assert (REPO / HUB_RECIPES[path.stem]).is_file(), "a Hub recipe has a test on a local fixture"
         return
     assert any(p and Path(p).exists() for p in local), "shipped recipes run offline on data in the repo"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_shipped_recipe_passes_peftkit_validate(path: Path) -> None:
+    """``peftkit validate`` builds the recipe's TrainingArguments, peft config and meta-device model, and says
+    what its target patterns matched: every shipped recipe passes, and each pattern matches something."""
+    import re
+
+    from tests.conftest import invoke_cli
+
+    result = invoke_cli("validate", str(path))
+    assert result.exit_code == 0, result.output
+    matched = re.search(r"^# adapter\.target_modules: (.*)$", result.output, re.MULTILINE)
+    assert matched, result.output
+    counts = [int(n) for n in re.findall(r"matched (\d+)", matched.group(1))]
+    assert counts and all(n > 0 for n in counts), matched.group(0)
