@@ -725,5 +725,6 @@ TASK = Task(
     title="text-to-text generation",
     pipeline_task=_pipeline_task,
     input_columns=("source",),
+    predict_requires=(("source",),),
     score_example=score_example,
 )

@@ -330,6 +330,7 @@ TASK = Task(
     pipeline_task=lambda model_config: "text-classification",
     onnx_outputs=("logits",),
     input_columns=("text", "text_pair"),
+    predict_requires=(("text",),),
     score_example=score_example,
     is_detail_metric=is_detail_metric,
     stratify_column="label",
