@@ -144,15 +144,20 @@ def recipes() -> None:
 
 
 @recipes.command("list")
+@user_errors
 def recipes_list() -> None:
-    """The shipped recipes and the first line of each."""
-    from peftkit.recipe import recipes_dir
+    """The shipped recipes: name, task and what each does (run one with `peftkit finetune NAME`)."""
+    from peftkit.errors import PeftkitError
+    from peftkit.recipe import recipe_summary, recipes_dir
 
-    for path in sorted(recipes_dir().glob("*.toml")):
-        first = next(
-            (ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), ""
+    paths = sorted(recipes_dir().glob("*.toml"))
+    if not paths:
+        raise PeftkitError(
+            f"no shipped recipes found in {recipes_dir()}: this installation is incomplete; reinstall peftkit"
         )
-        click.echo(f"{path.stem:<28} {first}")
+    for path in paths:
+        task, summary = recipe_summary(path)
+        click.echo(f"{path.stem:<22} {task:<10} {summary}")
 
 
 @recipes.command("show")
@@ -242,8 +247,9 @@ def evaluate(run_dir: Path, split: str, errors: int | None, errors_output: Path 
 @user_errors
 def sweep(recipe: Path, trials: int, overrides: tuple[str, ...], out: Path | None, overwrite: bool) -> None:
     """Hyper-parameter search over the recipe's [sweep.space] with Optuna; resumes an interrupted sweep."""
-    from peftkit.recipe import load_recipe
+    from peftkit.recipe import find_recipe, load_recipe
 
+    recipe = find_recipe(recipe)  # a shipped recipe's name, or a file
     load_recipe(recipe, overrides)  # validate, [sweep] included, before any heavy import
     _quiet_libraries()
     from peftkit.sweep import markdown_table, run_sweep

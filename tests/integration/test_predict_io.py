@@ -21,17 +21,20 @@ from tests.integration.test_cli_seq_cls import write_split
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Path:
-    """A finished seq_cls run at WORK/run with a checkpoint per epoch, its data beside it."""
+    return train_tiny_run(tmp_path_factory.mktemp("predict-io"), tiny_bert_dir)
+
+
+def train_tiny_run(work: Path, model: Path) -> Path:
+    """A finished seq_cls run at WORK/run with a checkpoint per epoch, its data beside it; returns WORK."""
     from peftkit.recipe import recipe_from_dict
     from peftkit.training import finetune
 
-    work = tmp_path_factory.mktemp("predict-io")
     write_split(work / "train.csv", 32, 0)
     write_split(work / "validation.csv", 8, 1)
     write_split(work / "test.csv", 8, 2)
     recipe = recipe_from_dict(
         {
-            "model": {"name_or_path": str(tiny_bert_dir)},
+            "model": {"name_or_path": str(model)},
             "task": {"type": "seq_cls", "max_length": 32},
             "data": {"train_file": "train.csv", "validation_file": "validation.csv", "test_file": "test.csv"},
             "adapter": {"r": 4},
