@@ -241,8 +241,11 @@ def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     path = find_recipe(path)
     source = str(path)
     if not path.is_file():
+        close = did_you_mean(path.stem, shipped_recipes()) if path.parent == Path(".") else ""
         hint = "check the path" + (
-            f"; shipped recipes: {', '.join(shipped_recipes())}" if path.suffix else ""
+            f", or name a shipped recipe ({close[:-1]})"
+            if close
+            else (f"; shipped recipes: {', '.join(shipped_recipes())}" if path.suffix else "")
         )
         raise RecipeError(source, [Problem("recipe", "file not found", hint)])
     try:
