@@ -372,7 +372,7 @@ def predict(
     from peftkit import predicting
 
     resolved = predicting.resolve_source(source, checkpoint)
-    predicting.check_output(output_path, input_path, source)
+    predicting.check_output(output_path, input_path, resolved.run_dir or resolved.folder)
     stdin: bytes | None = None
     if predicting.is_stdio(input_path):
         stdin = sys.stdin.buffer.read()

@@ -48,12 +48,17 @@ def test_output_over_the_input_is_refused(
 
 @pytest.mark.hostile("clear_error")
 @pytest.mark.parametrize("name", ["adapter_model.safetensors", "peftkit_run.json", "labels.json"])
-def test_output_over_a_file_of_the_run_is_refused(name: str, trained: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("through", ["run", "checkpoint"])
+def test_output_over_a_file_of_the_run_is_refused(
+    through: str, name: str, trained: Path, tmp_path: Path
+) -> None:
+    run = trained / "run"
+    source = run if through == "run" else sorted(run.glob("checkpoint-*"))[0]
     (tmp_path / "in.txt").write_text(TEXTS)
-    before = snapshot(trained / "run")
-    result = predict(trained / "run", tmp_path / "in.txt", trained / "run" / name)
-    assert_clear_error(result, f"--output {trained / 'run' / name}: that is a file of {trained / 'run'}")
-    assert_nothing_lost(before, snapshot(trained / "run"), trained / "run")
+    before = snapshot(run)
+    result = predict(source, tmp_path / "in.txt", run / name)
+    assert_clear_error(result, f"--output {run / name}: that is a file of {run}")
+    assert_nothing_lost(before, snapshot(run), run)
 
 
 @pytest.mark.hostile("clear_error")
