@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from peftkit.recipe import Recipe, load_recipe
@@ -58,19 +57,35 @@ def evaluate(run_dir: RunDir, split: str = "test") -> dict[str, float]:
 
 
 def predict(
-    run_dir: RunDir, records: Sequence[dict[str, Any]] | str | os.PathLike[str]
+    source: RunDir,
+    records: Sequence[dict[str, Any]] | str | os.PathLike[str],
+    *,
+    checkpoint: str | None = None,
+    batch_size: int | None = None,
+    keep_columns: Sequence[str] = (),
+    columns: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """``peftkit predict``: one result per record (a list of dicts, or a JSONL/JSON/CSV/text file).
 
-    Records name their fields as the task does (``text`` for seq_cls) or as the recipe's [data] columns map.
+    ``source``: a run directory, one of its ``checkpoint-N`` folders, or a merged model folder
+    (``checkpoint``: best, last or checkpoint-N of a run, as ``--checkpoint``). Records name their fields as
+    the task does (``text`` for seq_cls) or as ``columns`` ({task field: record field}, default: the recipe's
+    [data] columns) maps them. Each result starts with the record's ``id`` (when it has one) and the
+    ``keep_columns`` fields; a blank line of a JSONL or text file gets ``{"prediction": None, ...}``.
     """
-    from peftkit.data import read_records, rename_records
-    from peftkit.runs import load_run
+    from peftkit import predicting
 
-    rows = read_records(Path(records)) if isinstance(records, (str, os.PathLike)) else list(records)
-    loaded = load_run(run_dir)
-    rows = rename_records(rows, loaded.recipe.data.columns)
-    return list(loaded.task.predict(loaded.model, loaded.ctx, rows))
+    resolved = predicting.resolve_source(source, checkpoint)
+    if isinstance(records, (str, os.PathLike)):
+        given = predicting.read_input(records)
+    else:
+        given = predicting.PredictInput("<records>", "json", list(enumerate(records, start=1)))
+    keep = predicting.parse_keep(keep_columns)
+    rows = predicting.task_records(resolved, given, columns)
+    predicting.check_input(resolved, given, rows, keep, columns)
+    task, ctx, model = predicting.load_predictor(resolved)
+    originals = [record for _, record in given.records]
+    return predicting.predict_records(task, ctx, model, rows, originals, keep, batch_size)
 
 
 def merge(run_dir: RunDir, out: str | os.PathLike[str], **options: Any) -> MergeResult:

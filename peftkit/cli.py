@@ -154,15 +154,20 @@ def recipes() -> None:
 
 
 @recipes.command("list")
+@user_errors
 def recipes_list() -> None:
-    """The shipped recipes and the first line of each."""
-    from peftkit.recipe import recipes_dir
+    """The shipped recipes: name, task and what each does (run one with `peftkit finetune NAME`)."""
+    from peftkit.errors import PeftkitError
+    from peftkit.recipe import recipe_summary, recipes_dir
 
-    for path in sorted(recipes_dir().glob("*.toml")):
-        first = next(
-            (ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), ""
+    paths = sorted(recipes_dir().glob("*.toml"))
+    if not paths:
+        raise PeftkitError(
+            f"no shipped recipes found in {recipes_dir()}: this installation is incomplete; reinstall peftkit"
         )
-        click.echo(f"{path.stem:<28} {first}")
+    for path in paths:
+        task, summary = recipe_summary(path)
+        click.echo(f"{path.stem:<22} {task:<10} {summary}")
 
 
 @recipes.command("show")
@@ -252,8 +257,9 @@ def evaluate(run_dir: Path, split: str, errors: int | None, errors_output: Path 
 @user_errors
 def sweep(recipe: Path, trials: int, overrides: tuple[str, ...], out: Path | None, overwrite: bool) -> None:
     """Hyper-parameter search over the recipe's [sweep.space] with Optuna; resumes an interrupted sweep."""
-    from peftkit.recipe import load_recipe
+    from peftkit.recipe import find_recipe, load_recipe
 
+    recipe = find_recipe(recipe)  # a shipped recipe's name, or a file
     load_recipe(recipe, overrides)  # validate, [sweep] included, before any heavy import
     _quiet_libraries()
     from peftkit.sweep import markdown_table, run_sweep
@@ -319,31 +325,87 @@ def compare(run_dirs: tuple[Path, ...], split: str | None, output: Path | None, 
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("source", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "--input",
     "input_path",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Records to predict: .jsonl, .json, .csv, or .txt (one text a line).",
+    type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+    help="Records to predict: .jsonl, .json, .csv, .tsv, or .txt (one text a line); - reads stdin.",
 )
 @click.option(
     "--output",
     "output_path",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Where to write one JSON result a line.",
+    type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+    help="Where to write one JSON result a line, in input order; - writes stdout.",
 )
+@click.option(
+    "--input-format",
+    type=click.Choice(["jsonl", "json", "csv", "tsv", "txt"]),
+    help="Format of --input (default: from its extension; JSONL for stdin).",
+)
+@click.option(
+    "--keep-columns",
+    "keep_columns",
+    multiple=True,
+    metavar="FIELD[,FIELD...]",
+    help="Input fields to copy into each result (after its id, which is always echoed). Repeatable.",
+)
+@click.option(
+    "--columns",
+    "columns",
+    multiple=True,
+    metavar="TASK_FIELD=INPUT_FIELD",
+    help="Which input field is which task field, e.g. text=message (default: the recipe's [data] columns).",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), help="Records per forward pass (default: the task's)."
+)
+@click.option("--checkpoint", help="Predict with a checkpoint of the run: best, last or checkpoint-N.")
 @user_errors
-def predict(run_dir: Path, input_path: Path, output_path: Path) -> None:
-    """Predict records with a trained run (needs only the run directory)."""
+def predict(
+    source: Path,
+    input_path: Path,
+    output_path: Path,
+    input_format: str | None,
+    keep_columns: tuple[str, ...],
+    columns: tuple[str, ...],
+    batch_size: int | None,
+    checkpoint: str | None,
+) -> None:
+    """Predict records with a run directory, one of its checkpoints, or a merged model folder.
+
+    The n-th output line answers the n-th input record; a blank line of a JSONL or text input gets
+    {"prediction": null, "skipped": "blank line"}. The input is checked before the model loads.
+    """
+    from peftkit import predicting
+
+    resolved = predicting.resolve_source(source, checkpoint)
+    predicting.check_output(output_path, input_path, resolved.run_dir or resolved.folder)
+    stdin: bytes | None = None
+    if predicting.is_stdio(input_path):
+        stdin = sys.stdin.buffer.read()
+    given = predicting.read_input(input_path, input_format, stdin=stdin)
+    mapping = predicting.parse_columns(columns) if columns else None
+    keep = predicting.parse_keep(keep_columns)
+    rows = predicting.task_records(resolved, given, mapping)
+    predicting.check_input(resolved, given, rows, keep, mapping)
     _quiet_libraries()
-    from peftkit.api import predict as predict_records
     from peftkit.runs import write_jsonl_atomic
 
-    results = predict_records(run_dir, input_path)
-    write_jsonl_atomic(output_path, results)
-    click.echo(f"wrote {len(results)} predictions to {output_path}")
+    task, ctx, model = predicting.load_predictor(resolved)
+    originals = [record for _, record in given.records]
+    results = predicting.predict_records(task, ctx, model, rows, originals, keep, batch_size)
+    to_stdout = predicting.is_stdio(output_path)
+    if to_stdout:
+        for result in results:
+            click.echo(json.dumps(result, ensure_ascii=False))
+    else:
+        write_jsonl_atomic(output_path, results)
+    blank = f" ({given.blank_lines} blank lines got an empty result)" if given.blank_lines else ""
+    where = "stdout" if to_stdout else output_path
+    click.echo(f"wrote {len(results)} predictions to {where}{blank}", err=to_stdout)
 
 
 DTYPE_CHOICE = click.Choice(["float32", "bfloat16", "float16"])

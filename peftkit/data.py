@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import io
 import json
 import logging
 import math
@@ -512,42 +513,93 @@ def _tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256((body + extra).encode()).hexdigest()[:32]
 
 
+PREDICT_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".txt": "txt"}
+
+
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """Records for ``peftkit predict``: JSONL (an object a line), JSON (a list), CSV, or text lines."""
+    """Records for ``peftkit predict``: JSONL (an object a line), JSON (a list), CSV, or text lines.
+
+    Blank lines of a JSONL or text file are left out here; :func:`parse_records` keeps their places.
+    """
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    _check_encoding(path)
-    suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
-    if suffix == ".jsonl":
-        records = []
+    fmt = PREDICT_FORMATS.get(path.suffix.lower(), "txt")
+    records = parse_records(decode_utf8(path.read_bytes(), str(path)), str(path), fmt)
+    return [record for _, record in records if record is not None]
+
+
+def decode_utf8(data: bytes, name: str) -> str:
+    """``data`` as text, or the line and byte offset where it stops being UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{name}:{line}: not valid UTF-8 (byte {exc.start}); re-save the file as UTF-8"
+        ) from None
+
+
+def parse_records(text: str, name: str, fmt: str) -> list[tuple[int, dict[str, Any] | None]]:
+    """(line number, record) for every record of ``text`` in ``fmt`` (jsonl, json, csv, tsv, txt).
+
+    A blank line of a JSONL or text input is ``(line, None)``: it keeps its place, so that the n-th output
+    line answers the n-th input line. A JSON list's line numbers are its element numbers (from 1); a CSV's
+    are the line each row starts on (blank rows are no records in CSV).
+    """
+    if fmt == "jsonl":
+        records: list[tuple[int, dict[str, Any] | None]] = []
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
+                records.append((number, None))
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(
-                    f"{path}:{number}: invalid JSON ({exc.msg}); one JSON object per line"
+                    f"{name}:{number}: invalid JSON ({exc.msg}); one JSON object per line"
                 ) from None
             if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
+                raise DataError(f"{name}:{number}: expected a JSON object, got {type(record).__name__}")
+            records.append((number, record))
         return records
-    if suffix == ".json":
+    if fmt == "json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+            raise DataError(f"{name}:{exc.lineno}: invalid JSON ({exc.msg})") from None
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise DataError(f"{path}: expected a JSON list of objects")
-        return data
-    if suffix in (".csv", ".tsv"):
-        import csv
+            raise DataError(f"{name}: expected a JSON list of objects")
+        return list(enumerate(data, start=1))
+    if fmt in ("csv", "tsv"):
+        return _parse_csv(text, name, "\t" if fmt == "tsv" else ",")
+    return [
+        (number, {"text": line} if line.strip() else None) for number, line in enumerate(text.splitlines(), 1)
+    ]
 
-        reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
-        return [dict(row) for row in reader]
-    return [{"text": line} for line in text.splitlines() if line.strip()]
+
+def _parse_csv(text: str, name: str, delimiter: str) -> list[tuple[int, dict[str, Any] | None]]:
+    """CSV rows as records; a row with more or fewer fields than the header is an error naming its line."""
+    import csv
+
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header = next(reader, None)
+    if header is None:
+        return []
+    records: list[tuple[int, dict[str, Any] | None]] = []
+    start = reader.line_num + 1
+    try:
+        for row in reader:
+            if row and len(row) != len(header):
+                raise DataError(
+                    f"{name}:{start}: {len(row)} fields, but the header has {len(header)} ({header}); "
+                    "quote values that hold the delimiter, and give every row one value per column"
+                )
+            if row:
+                records.append((start, dict(zip(header, row, strict=True))))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise DataError(f"{name}:{reader.line_num}: not valid CSV ({exc})") from None
+    return records
 
 
 def rename_records(records: list[dict[str, Any]], mapping: Mapping[str, str]) -> list[dict[str, Any]]:

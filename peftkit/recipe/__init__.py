@@ -243,12 +243,18 @@ class Recipe(BaseModel):
 
 
 def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Recipe:
-    """Read a TOML recipe, apply ``table.key=value`` overrides, validate everything at once."""
-    path = Path(path)
+    """Read a TOML recipe, apply ``table.key=value`` overrides, validate everything at once.
+
+    ``path`` may also name a shipped recipe (``seq_cls_lora``) when no such file exists.
+    """
+    path = find_recipe(path)
     source = str(path)
     if not path.is_file():
+        close = did_you_mean(path.stem, shipped_recipes()) if path.parent == Path(".") else ""
         hint = "check the path" + (
-            f"; shipped recipes: {', '.join(shipped_recipes())}" if path.suffix else ""
+            f", or name a shipped recipe ({close[:-1]})"
+            if close
+            else (f"; shipped recipes: {', '.join(shipped_recipes())}" if path.suffix else "")
         )
         raise RecipeError(source, [Problem("recipe", "file not found", hint)])
     try:
@@ -1290,3 +1296,38 @@ def recipes_dir() -> Path:
 
 def shipped_recipes() -> list[str]:
     return sorted(p.stem for p in recipes_dir().glob("*.toml"))
+
+
+def find_recipe(path: str | os.PathLike[str]) -> Path:
+    """``path`` when it is a file; else the shipped recipe it names (``seq_cls_lora`` or
+    ``seq_cls_lora.toml``, no folder part); else ``path`` as given (loading it reports it missing)."""
+    given = Path(path)
+    if given.is_file() or given.parent != Path(".") or given.suffix not in ("", ".toml"):
+        return given
+    shipped = recipes_dir() / f"{given.stem}.toml"
+    return shipped if shipped.is_file() else given
+
+
+def recipe_summary(path: Path, width: int = 80) -> tuple[str, str]:
+    """(task type, what the recipe does) for ``recipes list``: the first sentence of the recipe's opening
+    comment, after the command that runs it (STYLE.md: every shipped recipe opens with that command)."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        task = tomllib.loads(text).get("task", {}).get("type", "?")
+    except (tomllib.TOMLDecodeError, AttributeError):
+        task = "?"
+    header: list[str] = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        body = line.lstrip("#").strip()
+        if body.startswith("peftkit ") or (not body and not header):
+            continue  # the command line, and the blank comment line after it
+        if not body:
+            break  # the end of the first paragraph
+        header.append(body)
+    paragraph = " ".join(header)
+    sentence = re.split(r"(?<=[.!?])\s+(?=[A-Z`])", paragraph, maxsplit=1)[0]
+    if len(sentence) > width:
+        sentence = sentence[: width - 1].rsplit(" ", 1)[0].rstrip(",;:") + "…"
+    return str(task), sentence

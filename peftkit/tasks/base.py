@@ -107,6 +107,10 @@ class Task:
     onnx_outputs: tuple[str, ...] = ()
     # the canonical columns ``predict`` reads from an input record
     input_columns: tuple[str, ...] = ()
+    # what a ``predict`` record must hold, checked before the model loads: one field of each group
+    # (alternatives), e.g. (("tokens", "text"),): words or a raw text. The first group's last name is the
+    # field a line of a .txt input fills.
+    predict_requires: tuple[tuple[str, ...], ...] = ()
     # (record, predicted, ctx) -> one example's reference, prediction and score for error analysis, with a
     # "_rank" key that sorts the worst example first; None when the task has no error analysis
     score_example: Callable[[dict[str, Any], dict[str, Any], TaskContext], dict[str, Any]] | None = None

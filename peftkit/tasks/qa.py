@@ -601,6 +601,7 @@ TASK = Task(
     usage_note="# transformers 5 has no question-answering pipeline: `peftkit predict` decodes spans",
     onnx_outputs=("start_logits", "end_logits"),
     input_columns=("id", "question", "context"),
+    predict_requires=(("question",), ("context",)),
     score_example=score_example,
     is_detail_metric=is_detail_metric,
     column_kinds={"id": "id", "question": "text", "context": "text", "answers": "answers"},

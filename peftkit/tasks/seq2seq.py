@@ -862,6 +862,7 @@ TASK = Task(
     title="text-to-text generation",
     pipeline_task=_pipeline_task,
     input_columns=("source", "messages"),
+    predict_requires=(("messages", "source"),),  # a conversation, or a text (a .txt line fills source)
     score_example=score_example,
     column_kinds={"source": "text", "target": "text"},  # conversations: checked by prepare_labels
     reference_columns=("target", "messages"),  # a pair's target, or a conversation's last reply

@@ -348,6 +348,7 @@ TASK = Task(
     pipeline_task=lambda model_config: "text-classification",
     onnx_outputs=("logits",),
     input_columns=("text", "text_pair"),
+    predict_requires=(("text",),),
     score_example=score_example,
     is_detail_metric=is_detail_metric,
     produced_metrics=lambda cfg: (

@@ -685,6 +685,7 @@ TASK = Task(
     pipeline_task=lambda model_config: "token-classification",
     onnx_outputs=("logits",),
     input_columns=("tokens",),
+    predict_requires=(("tokens", "text"),),
     score_example=score_example,
     is_detail_metric=is_detail_metric,
     column_kinds={"tokens": "words", "tags": "tags"},

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import FIXTURES, run_cli
+from tests.conftest import FIXTURES, invoke_cli, run_cli
 
 DATA = FIXTURES / "seq2seq"
 
@@ -143,6 +143,22 @@ def test_predict_reproduces_test_predictions_in_a_fresh_process(trained: tuple[P
     )
     assert result.returncode == 0, result.stderr[-3000:]
     predicted = [json.loads(line)["prediction"] for line in out.read_text().splitlines()]
+    saved = [
+        json.loads(line)["prediction"] for line in (run / "predictions_test.jsonl").read_text().splitlines()
+    ]
+    assert predicted == saved
+
+
+def test_text_input_is_one_source_a_line(trained: tuple[Path, Path]) -> None:
+    """A .txt input gives one source a line (it failed before: its lines became `text`, not `source`)."""
+    work, run = trained
+    lines = (DATA / "test.jsonl").read_text().splitlines()
+    (work / "sources.txt").write_text("".join(json.loads(line)["en"] + "\n" for line in lines))
+    result = invoke_cli(
+        "predict", str(run), "--input", str(work / "sources.txt"), "--output", str(work / "t.jsonl")
+    )
+    assert result.exit_code == 0, result.output
+    predicted = [json.loads(line)["prediction"] for line in (work / "t.jsonl").read_text().splitlines()]
     saved = [
         json.loads(line)["prediction"] for line in (run / "predictions_test.jsonl").read_text().splitlines()
     ]

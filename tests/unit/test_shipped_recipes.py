@@ -52,3 +52,35 @@ def test_shipped_recipe_passes_peftkit_validate(path: Path) -> None:
     assert matched, result.output
     counts = [int(n) for n in re.findall(r"matched (\d+)", matched.group(1))]
     assert counts and all(n > 0 for n in counts), matched.group(0)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipes_list_says_what_each_recipe_does(path: Path) -> None:
+    from peftkit.recipe import recipe_summary
+
+    task, summary = recipe_summary(path)
+    assert task == load_recipe(path).task_name
+    assert summary and not summary.startswith("peftkit ") and len(summary) <= 80, summary
+    assert summary.split()[0] in path.read_text().splitlines()[2], "the first words of the description"
+
+
+def test_commands_resolve_a_shipped_recipe_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import invoke_cli
+
+    monkeypatch.chdir(tmp_path)
+    validated = invoke_cli("validate", "seq_cls_lora")
+    assert validated.exit_code == 0, validated.output
+    assert '"type": "seq_cls"' in validated.output
+    shipped = recipes_dir() / "seq_cls_lora.toml"
+    for command in ("finetune", "plan", "sweep", "cv"):
+        extra = ("--trials", "1") if command == "sweep" else ()
+        result = invoke_cli(command, "seq_cls_lora.toml", *extra, "--set", "adapter.r=0")
+        assert result.exit_code == 2, result.output
+        assert f"{shipped}: adapter.r:" in result.output, result.output  # the shipped file was loaded
+    # a file of that name in the working directory comes first
+    (tmp_path / "seq_cls_lora.toml").write_text(shipped.read_text().replace("r = 8", "r = 0"))
+    mine = invoke_cli("validate", "seq_cls_lora.toml")
+    assert mine.exit_code == 2 and "seq_cls_lora.toml: adapter.r:" in mine.output
+    assert str(shipped) not in mine.output
+    near = invoke_cli("validate", "seq_cls_lor")
+    assert near.exit_code == 2 and "did you mean 'seq_cls_lora'" in near.output
