@@ -220,9 +220,9 @@ def training_length(cfg: Any, model_config: Any) -> int:
     target = int(cfg.max_target_length)
     if not getattr(model_config, "is_encoder_decoder", False):
         return int(source) + target
-    encoder = int(getattr(model_config, "num_layers", None) or getattr(model_config, "encoder_layers", 1))
+    encoder = int(getattr(model_config, "num_layers", 0) or getattr(model_config, "encoder_layers", 1))
     decoder = int(
-        getattr(model_config, "num_decoder_layers", None) or getattr(model_config, "decoder_layers", encoder)
+        getattr(model_config, "num_decoder_layers", 0) or getattr(model_config, "decoder_layers", encoder)
     )
     return math.ceil((int(source) * encoder + target * decoder) / (encoder + decoder))
 
