@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = ROOT / "docs" / "support-matrix.json"
 SHAPE_NAMES = {
     "seq_cls": "seq_cls (BERT)",
     "seq_cls_pair": "seq_cls pair (BERT)",
@@ -87,12 +88,28 @@ def render(payload: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", nargs="?", type=Path, default=ROOT / "docs" / "support-matrix.json")
+    parser.add_argument(
+        "results", nargs="*", type=Path, help="results files (default docs/support-matrix.json)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "support-matrix.md")
+    parser.add_argument("--json-out", type=Path, help="also write the merged results here")
     args = parser.parse_args()
-    payload = json.loads(args.results.read_text(encoding="utf-8"))
+    payload = merged([json.loads(p.read_text(encoding="utf-8")) for p in args.results or [DEFAULT]])
+    if args.json_out:
+        args.json_out.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     args.out.write_text(render(payload), encoding="utf-8")
     print(f"wrote {args.out}")
+
+
+def merged(payloads: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several results files (partial runs, e.g. selected with -k) as one; later files win per cell."""
+    versions = {(p["peft"], p["transformers"]) for p in payloads}
+    if len(versions) > 1:
+        raise SystemExit(f"results from different library versions {sorted(versions)}: rerun them together")
+    out = {**payloads[0], "cells": {}}
+    for payload in payloads:
+        out["cells"].update(payload["cells"])
+    return out
 
 
 if __name__ == "__main__":
