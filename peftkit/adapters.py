@@ -8,7 +8,9 @@ peftkit at import time but the task types, so that the recipe layer can read the
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +86,7 @@ class AdapterMethod:
 
 
 PROMPT_TASKS = frozenset({"seq_cls", "seq2seq"})
+PROMPT_METHODS = frozenset({"prefix_tuning", "prompt_tuning", "p_tuning"})
 # transformers 5.24 renamed the models' `past_key_values` argument to `cache` (still accepted under the old
 # name until 5.40); peft 0.21.2's prefix-tuning forward for classifiers looks for `past_key_values` in the
 # model's signature and raises "Model does not support past key values" at the first step.
@@ -198,3 +201,207 @@ def count_parameters(model: Any) -> tuple[int, int]:
         if param.requires_grad:
             trainable += n
     return trainable, total
+
+
+# --------------------------------------------------------------------------------------------------
+# Method-level checks (validate time) and the model-dependent ones (once the model config is known)
+
+# peft 0.21.2 requires these keys but only says so with a traceback at the first forward (or none at all)
+REQUIRED_KEYS: dict[str, tuple[tuple[str, str], ...]] = {
+    "prefix_tuning": (("num_virtual_tokens", "e.g. num_virtual_tokens = 20"),),
+    "prompt_tuning": (("num_virtual_tokens", "e.g. num_virtual_tokens = 20"),),
+    "p_tuning": (("num_virtual_tokens", "e.g. num_virtual_tokens = 20"),),
+}
+
+
+def is_pissa_niter(value: Any) -> bool:
+    """``"pissa_niter_<n>"``: PiSSA with n subspace iterations (fast SVD), valid in peft for any n >= 1."""
+    import re
+
+    return isinstance(value, str) and re.fullmatch(r"pissa_niter_[1-9][0-9]*", value) is not None
+
+
+def residual_init(options: dict[str, Any]) -> str | None:
+    """The init that moves part of the base weight into the adapter (PiSSA, OLoRA), or None.
+
+    Such an adapter only means its update relative to the *residual* base it was trained on; peft converts
+    it back to a plain LoRA only when saved with ``path_initial_model_for_weight_conversion``.
+    """
+    init = options.get("init_lora_weights")
+    if init == "olora" or init == "pissa" or is_pissa_niter(init):
+        return str(init)
+    return None
+
+
+def method_problems(options: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(``adapter.<key>``, problem, fix) for each method-level mistake in ``[adapter]``, before any model."""
+    method = options.get("method", "lora")
+    problems: list[tuple[str, str, str]] = []
+    for key, example in REQUIRED_KEYS.get(method, ()):
+        if options.get(key) is None:
+            problems.append((f"adapter.{key}", f"method {method!r} needs {key}", f"set it: {example}"))
+    if method == "lora" and options.get("init_lora_weights") == "loftq" and not _cuda_available():
+        problems.append(
+            (
+                "adapter.init_lora_weights",
+                "'loftq' (method 'lora') needs a CUDA GPU: peft 0.21.2's LoftQ initialisation "
+                "quantizes and decomposes each weight on the 'cuda' device (peft/utils/loftq_utils.py), "
+                "so on CPU it fails with "
+                "'Torch not compiled with CUDA enabled'",
+                "on CPU use init_lora_weights = 'pissa' (also an SVD init) or [quantization] bits = 4 with "
+                "the default init (QLoRA); run LoftQ on a GPU machine",
+            )
+        )
+    if method == "adalora":
+        total = options.get("total_step")
+        tinit, tfinal = options.get("tinit", 0), options.get("tfinal", 0)
+        if total is not None and tinit >= total - tfinal:
+            problems.append(
+                (
+                    "adapter.total_step",
+                    f"AdaLoRA needs a budgeting phase: tinit ({tinit}) must be below total_step ({total}) "
+                    f"- tfinal ({tfinal})",
+                    "remove total_step (peftkit sets it to the run's planned steps) or lower tinit/tfinal",
+                )
+            )
+    return problems
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def model_problem(options: dict[str, Any], task_name: str, model_config: Any) -> tuple[str, str] | None:
+    """(problem, fix) when ``[adapter]`` cannot train this model's architecture; known from its config."""
+    method = options.get("method", "lora")
+    encoder_decoder = bool(getattr(model_config, "is_encoder_decoder", False))
+    model_type = getattr(model_config, "model_type", "?")
+    if method == "prefix_tuning" and task_name == "seq2seq" and encoder_decoder:
+        return (
+            f"'prefix_tuning' cannot train the encoder-decoder {model_type!r} with transformers>=5.24 and "
+            "peft<=0.21.2: peft passes the prefix as `past_key_values`, which the renamed cache argument "
+            "of transformers 5.24 no longer takes ('Model does not support past key values')",
+            "use method = 'prompt_tuning' or 'lora' for encoder-decoder models",
+        )
+    if method == "lora" and options.get("init_lora_weights") == "eva" and encoder_decoder:
+        return (
+            f"init_lora_weights = 'eva' cannot initialise the encoder-decoder {model_type!r}: peft 0.21.2's "
+            "EVA masks every layer's inputs by the encoder's attention mask, which does not fit the "
+            "decoder's layers",
+            "use init_lora_weights = 'pissa' or the default init for encoder-decoder models",
+        )
+    return None
+
+
+def fill_planned_steps(options: dict[str, Any], planned_steps: int) -> dict[str, Any]:
+    """AdaLoRA's ``total_step`` from the run's planned optimizer steps when the recipe leaves it out."""
+    if options.get("method") != "adalora" or options.get("total_step") is not None:
+        return options
+    logger.info("adapter.total_step (AdaLoRA's schedule) set to the planned %d steps", planned_steps)
+    return {**options, "total_step": max(int(planned_steps), 1)}
+
+
+# --------------------------------------------------------------------------------------------------
+# What some methods need around training: AdaLoRA's rank allocation, EVA's data-driven init
+
+
+def adalora_model(model: Any) -> Any:
+    """The AdaLoraModel inside a PeftModel (None for every other method)."""
+    inner = getattr(model, "base_model", None)
+    return inner if type(inner).__name__ == "AdaLoraModel" else None
+
+
+def adalora_callback() -> Any:
+    """A TrainerCallback calling AdaLoRA's ``update_and_allocate`` after every optimizer step.
+
+    peft leaves that call to the training loop ("called in every training step after loss.backward() and
+    before zero_grad()", AdaLoraModel.update_and_allocate); the Trainer never makes it, so without this the
+    ranks stay at init_r. ``on_optimizer_step`` runs before the Trainer zeroes the gradients, which the
+    importance scores are computed from.
+    """
+    from transformers import TrainerCallback
+
+    class AdaLoraRankAllocation(TrainerCallback):
+        def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            model = kwargs.get("model")
+            inner = adalora_model(getattr(model, "module", model))
+            if inner is not None:
+                inner.update_and_allocate(state.global_step)
+            return control
+
+    return AdaLoraRankAllocation()
+
+
+def ready_for_evaluation(model: Any) -> Any:
+    """An AdaLoRA model whose forward can score labels: loaded for inference it has no trainable adapter
+    (AttributeError 'trainable_adapter_name' in its forward); its loss is the task loss alone."""
+    inner = adalora_model(model)
+    if inner is not None and not hasattr(inner, "trainable_adapter_name"):
+        inner.trainable_adapter_name = next(iter(inner.peft_config))
+        with contextlib.suppress(Exception):
+            inner.peft_config[inner.trainable_adapter_name].orth_reg_weight = 0.0
+    return model
+
+
+@contextlib.contextmanager
+def task_loss_only(model: Any) -> Iterator[None]:
+    """Within the block an AdaLoRA model's loss is the task loss: its orthogonality penalty
+    (``orth_reg_weight``, added to every forward's loss by AdaLoraModel.forward) is switched off, so that
+    evaluation losses and the best-checkpoint choice see what the model predicts, not the regulariser."""
+    inner = adalora_model(model)
+    name = getattr(inner, "trainable_adapter_name", None)
+    if inner is None or name is None:
+        yield
+        return
+    config = inner.peft_config[name]
+    weight = config.orth_reg_weight
+    config.orth_reg_weight = 0.0
+    try:
+        yield
+    finally:
+        config.orth_reg_weight = weight
+
+
+def initialize_from_data(model: Any, dataloader: Any) -> bool:
+    """EVA (``init_lora_weights = "eva"``): the LoRA A rows from the SVD of each layer's inputs on the
+    training data, as ``peft.initialize_lora_eva_weights`` computes them; True when it ran.
+
+    peft's default input mask also drops positions whose label is -100, which only fits labels aligned
+    with the input tokens; sequence-level labels (classification, QA spans) use the attention mask alone.
+    """
+    config = getattr(model, "peft_config", {}).get("default")
+    if getattr(config, "init_lora_weights", None) != "eva":
+        return False
+    import torch
+    from peft import initialize_lora_eva_weights
+    from peft.tuners.lora.eva import prepare_model_inputs_fn_language_modeling
+
+    def prepare(inputs: dict[str, Any], peft_config: Any) -> Any:
+        labels = inputs.get("labels")
+        if labels is not None and labels.shape != inputs["input_ids"].shape:
+            inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        return prepare_model_inputs_fn_language_modeling(inputs, peft_config)
+
+    device = next(model.parameters()).device
+
+    class OnDevice:  # peft takes len() of the loader and cycles it until every layer's SVD converged
+        def __len__(self) -> int:
+            return len(dataloader)
+
+        def __iter__(self) -> Iterator[dict[str, Any]]:
+            for batch in dataloader:
+                yield {k: v.to(device) for k, v in batch.items()}
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        initialize_lora_eva_weights(
+            model, OnDevice(), prepare_model_inputs_fn=prepare, show_progress_bar=False
+        )
+    model.train(was_training)
+    logger.info("EVA: LoRA weights initialised from the SVD of the layers' inputs on the training data")
+    return True

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit import runs
+from peftkit.adapters import residual_init
 from peftkit.merge import MergeError
 from peftkit.outputs import check_output_dir, staged_output
 
@@ -143,6 +144,17 @@ def check_compatible(sources: Sequence[_Source], method: str) -> None:
             raise MergeError(f"{where}: trains biases (bias = {config['bias']!r}); these cannot be combined")
         if config.get("target_parameters"):
             raise MergeError(f"{where}: targets parameters directly; these cannot be combined")
+        residual = residual_init(config)
+        if residual is not None:
+            # its A·B is an update of the residual base W - B0·A0 (the init moved B0·A0 out of the base
+            # weights), not of the base the other adapters share; the combined adapter would lose -B0·A0
+            raise MergeError(
+                f"{where}: a LoRA adapter initialised with init_lora_weights = {residual!r}, which trains "
+                "on a residual base (the init moves part of each weight into the adapter), so its matrices "
+                "are no update of the shared base model and cannot be combined with others; train the runs "
+                "with the default init (init_lora_weights = true) to combine them, or merge each run on its "
+                "own with `peftkit merge`"
+            )
     kinds = {type(s.adapter_config.get("target_modules")).__name__ for s in sources}
     if len(kinds) > 1:
         raise MergeError(

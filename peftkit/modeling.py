@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from peftkit.adapters import present_heads
 from peftkit.errors import ModelLoadError
 from peftkit.recipe import ModelSection, QuantizationSection
 from peftkit.tasks.base import Task, TaskContext
@@ -87,15 +88,12 @@ def load_tokenizer(section: ModelSection, source: str | None = None) -> Any:
     return tokenizer
 
 
-def quantization_config(quant: QuantizationSection, keep_out: list[str]) -> Any:
-    """``[quantization]`` → ``BitsAndBytesConfig``; task heads stay out of quantization.
-
-    bitsandbytes' CPU kernels assert on a 4-bit head and fail on an 8-bit one (docs/stack-notes.md,
-    "bitsandbytes on CPU")."""
+def quantization_config(quant: QuantizationSection, skip: list[str]) -> Any:
+    """``[quantization]`` → ``BitsAndBytesConfig``, ``skip`` (:func:`quantization_skips`) unquantized."""
     import torch
     from transformers import BitsAndBytesConfig
 
-    skip = sorted({*keep_out, *quant.skip_modules})
+    skip = sorted({*skip, *quant.skip_modules})
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
@@ -105,6 +103,48 @@ def quantization_config(quant: QuantizationSection, keep_out: list[str]) -> Any:
         bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype),
         llm_int8_skip_modules=skip,
     )
+
+
+# bitsandbytes 0.50's CPU 4-bit kernel packs weights in blocks of 32 output rows and byte pairs of inputs
+# (bitsandbytes/functional.py, _convert_weight_packed_for_cpu: "N must be divisible by block_n")
+CPU_4BIT_BLOCK_N = 32
+
+
+def quantization_skips(
+    cls: Any, model_config: Any, task: Task, bits: int, on_cpu: bool, trust_remote_code: bool = False
+) -> list[str]:
+    """The modules ``[quantization]`` keeps unquantized: transformers' own defaults, the task heads, and
+    on CPU in 4 bits the linears whose shapes bitsandbytes' CPU kernel cannot take.
+
+    An explicit ``llm_int8_skip_modules`` *replaces* transformers' default list (the output embedding /
+    LM head, the weights tied to it, the last module: quantizers/base.py, get_keys_to_not_convert), so
+    peftkit computes that list itself from the model built on the meta device and adds to it.
+    """
+    import torch
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    with torch.device("meta"):
+        meta = cls.from_config(model_config, trust_remote_code=trust_remote_code)
+    skip = set(get_keys_to_not_convert(meta))
+    skip |= {name.rsplit(".", 1)[-1] for name in present_heads(meta, task.head_modules)}
+    skip |= set(getattr(meta, "_keep_in_fp32_modules", None) or ())
+    odd = []
+    if bits == 4 and on_cpu:
+        for name, module in meta.named_modules():
+            if isinstance(module, torch.nn.Linear) and (
+                module.out_features % CPU_4BIT_BLOCK_N or module.in_features % 2
+            ):
+                odd.append(name)
+    if odd:
+        logger.info(
+            "[quantization]: %d linear layer(s) kept unquantized: bitsandbytes' CPU 4-bit kernel needs "
+            "out_features divisible by %d and even in_features (%s)",
+            len(odd),
+            CPU_4BIT_BLOCK_N,
+            ", ".join(odd[:5]) + (", ..." if len(odd) > 5 else ""),
+        )
+    logger.info("[quantization]: kept unquantized: %s", ", ".join(sorted(skip)) or "nothing")
+    return sorted(skip | set(odd))
 
 
 def load_model(
@@ -123,10 +163,10 @@ def load_model(
     if section.attn_implementation:
         kwargs["attn_implementation"] = section.attn_implementation
     if quant is not None:
-        # an explicit skip list replaces transformers' default one, which keeps the LM head out: name it,
-        # else a tied lm_head is quantized and bitsandbytes asserts in its forward
-        # (fix_4bit_weight_quant_state_from_module)
-        kwargs["quantization_config"] = quantization_config(quant, [*task.head_modules, "lm_head"])
+        skip = quantization_skips(
+            cls, ctx.model_config, task, quant.bits, not torch.cuda.is_available(), section.trust_remote_code
+        )
+        kwargs["quantization_config"] = quantization_config(quant, skip)
         kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
     try:
         if section.decoder_name_or_path:

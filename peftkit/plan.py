@@ -17,6 +17,7 @@ PyTorch's caching allocator instead of glibc). Each says whether it has been che
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,7 +133,7 @@ def plan_recipe(recipe: Recipe, seq_len: int | None = None, device: str | None =
     dtype = DTYPE_BYTES.get(recipe.model.dtype, 4)
     with torch.device("meta"):
         model = task.model_class(model_config).from_config(model_config)
-    model = apply_adapter(model, recipe.adapter, task, model_config)
+    model = apply_adapter(model, meta_adapter_options(recipe.adapter), task, model_config)
 
     rows = module_rows(model)
     total = sum(r.total for r in rows)
@@ -145,7 +146,7 @@ def plan_recipe(recipe: Recipe, seq_len: int | None = None, device: str | None =
         recipe.train.get("gradient_checkpointing") or recipe.train.get("activation_checkpointing")
     )
     batch = int(recipe.train.get("per_device_train_batch_size", 8))
-    length = seq_len or int(getattr(recipe.task, "max_length", 512))
+    length = seq_len or training_length(recipe.task, model_config)
     if device == "cuda":
         act, lora_act = activation_dtype_bytes(recipe)
         kernel = attention_kernel(model_config)
@@ -192,6 +193,38 @@ def plan_recipe(recipe: Recipe, seq_len: int | None = None, device: str | None =
         notes=notes,
         activation_model=used,
     )
+
+
+def meta_adapter_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``[adapter]`` as the meta-device build takes it: data- and weight-dependent inits (PiSSA, OLoRA,
+    LoftQ, EVA) give the same shapes as the default init but cannot run on meta tensors (no SVD, no QR);
+    AdaLoRA without total_step gets a placeholder schedule (finetune fills in the planned steps)."""
+    from peftkit.adapters import fill_planned_steps
+
+    options = dict(options)
+    if options.get("init_lora_weights") not in (None, True, False, "gaussian", "orthogonal"):
+        options["init_lora_weights"] = True
+    return fill_planned_steps(options, int(options.get("tinit", 0)) + int(options.get("tfinal", 0)) + 1)
+
+
+def training_length(cfg: Any, model_config: Any) -> int:
+    """The tokens per training example the activation models count.
+
+    seq2seq has no ``max_length``: a decoder-only model trains on prompt and target joined; an
+    encoder-decoder runs its encoder layers over the source and its decoder layers over the target, which
+    the per-layer models (one length for every layer) see as the layer-weighted mean of the two.
+    """
+    source = getattr(cfg, "max_source_length", None)
+    if source is None:
+        return int(getattr(cfg, "max_length", 512))
+    target = int(cfg.max_target_length)
+    if not getattr(model_config, "is_encoder_decoder", False):
+        return int(source) + target
+    encoder = int(getattr(model_config, "num_layers", 0) or getattr(model_config, "encoder_layers", 1))
+    decoder = int(
+        getattr(model_config, "num_decoder_layers", 0) or getattr(model_config, "decoder_layers", encoder)
+    )
+    return math.ceil((int(source) * encoder + target * decoder) / (encoder + decoder))
 
 
 QKV_NAMES = {"query", "key", "value", "q_proj", "k_proj", "v_proj", "q", "k", "v", "q_lin", "k_lin", "v_lin"}

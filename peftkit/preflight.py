@@ -73,6 +73,7 @@ def _train_key_named(text: str, train: dict[str, Any]) -> str:
 def _check_model(recipe: Recipe, task: Task, problems: list[Problem]) -> list[str]:
     import torch
 
+    from peftkit.adapters import model_problem
     from peftkit.modeling import load_model_config
 
     model_section = recipe.model
@@ -83,6 +84,11 @@ def _check_model(recipe: Recipe, task: Task, problems: list[Problem]) -> list[st
             problems.append(Problem("model.name_or_path", str(exc).removeprefix("model.name_or_path "), ""))
             return []
         return [f"# model checks skipped: {exc}"]
+    # what only the architecture tells (prefix tuning or EVA on an encoder-decoder, ...)
+    refused = model_problem(recipe.adapter, task.name, config)
+    if refused is not None:
+        problems.append(Problem("adapter.method", *refused))
+        return []
     kwargs = {}
     if model_section.attn_implementation:
         kwargs["attn_implementation"] = model_section.attn_implementation

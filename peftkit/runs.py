@@ -575,6 +575,9 @@ def load_run(
             f"{folder}: the adapter cannot be loaded ({type(exc).__name__}: {first}); re-run finetune"
         ) from None
     model.eval()
+    from peftkit.adapters import ready_for_evaluation
+
+    ready_for_evaluation(model)  # AdaLoRA loaded for inference cannot score labels otherwise
     return LoadedRun(run_dir=run_dir, recipe=recipe, task=stack.task, ctx=stack.ctx, model=model, meta=meta)
 
 

@@ -79,6 +79,10 @@ def build_trainer(
         callbacks.append(time_budget_callback(recipe.train["max_train_minutes"]))
     if stop is not None:
         callbacks.append(save_and_stop_callback(stop))
+    if recipe.adapter.get("method") == "adalora":
+        from peftkit.adapters import adalora_callback
+
+        callbacks.append(adalora_callback())  # its rank allocation runs after every optimizer step
     callbacks.extend(extra_callbacks)
     validation = "validation" in features and args.eval_strategy != "no"
     trainer = trainer_cls(
@@ -244,6 +248,14 @@ def with_shuffled_length_groups(trainer_cls: Any) -> Any:
             # seeded per epoch (set_epoch), so that a resumed run sees the same batches (batching.py)
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             return ShuffledLengthGroupedSampler(self.train_dataset[column], batch, seed=seed)
+
+        def prediction_step(self, model: Any, *args: Any, **kwargs: Any) -> Any:
+            # evaluation losses (and the best checkpoint chosen by them) are the task's loss alone, without
+            # AdaLoRA's orthogonality penalty
+            from peftkit.adapters import task_loss_only
+
+            with task_loss_only(model):
+                return super().prediction_step(model, *args, **kwargs)
 
         def evaluate(self, *args: Any, **kwargs: Any) -> Any:
             # Evaluation draws from the global RNG (each DataLoader iterator takes a seed from it). A

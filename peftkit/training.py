@@ -38,7 +38,12 @@ def finetune(
     from transformers import set_seed
 
     from peftkit import runs
-    from peftkit.adapters import apply_adapter, count_parameters
+    from peftkit.adapters import (
+        apply_adapter,
+        count_parameters,
+        fill_planned_steps,
+        initialize_from_data,
+    )
     from peftkit.data import data_fingerprints, is_labelled, load_raw_datasets, tokenize_splits
     from peftkit.evaluation import evaluate_split
     from peftkit.lifecycle import run_lifecycle
@@ -71,12 +76,15 @@ def finetune(
         # model and adapter
         gradient_checkpointing = bool(recipe.train.get("gradient_checkpointing"))
         model = load_model_for_training(recipe.model, task, ctx, recipe.quantization, gradient_checkpointing)
-        model = apply_adapter(model, recipe.adapter, task, model_config)
+        adapter_options = fill_planned_steps(recipe.adapter, planned_steps(args, len(features["train"])))
+        model = apply_adapter(model, adapter_options, task, model_config)
         trainable, total = count_parameters(model)
         # train
         trainer = build_trainer(
             recipe, task, ctx, model, raw, features, args, stop=run.stop, extra_callbacks=callbacks
         )
+        if run.checkpoint is None:  # a resumed run loads its trained adapter instead
+            initialize_from_data(model, trainer.get_train_dataloader())  # EVA only
         with run.training(trainer):
             checkpoint = str(run.checkpoint) if run.checkpoint else None
             train_output = trainer.train(resume_from_checkpoint=checkpoint)
@@ -113,3 +121,15 @@ def finetune(
             metrics["resumed_from"] = str(run.checkpoint)
         run.complete(task.name, ctx.labels, metrics, trainer.state.log_history, data_fingerprints(raw, task))
     return RunResult(run_dir=run.dir, metrics=metrics)
+
+
+def planned_steps(args: Any, train_rows: int) -> int:
+    """The optimizer steps the Trainer will run: ``max_steps``, else epochs × steps per epoch."""
+    import math
+
+    if args.max_steps and args.max_steps > 0:
+        return int(args.max_steps)
+    world = max(int(getattr(args, "world_size", 1) or 1), 1)
+    batches = math.ceil(train_rows / (args.per_device_train_batch_size * world))
+    per_epoch = max(math.ceil(batches / max(args.gradient_accumulation_steps, 1)), 1)
+    return max(math.ceil(per_epoch * args.num_train_epochs), 1)

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from peftkit.adapters import METHODS
+from peftkit.adapters import METHODS, is_pissa_niter, method_problems
 from peftkit.errors import Problem, RecipeError, did_you_mean
 from peftkit.recipe.sweep_table import SWEEP_KEYS as SWEEP_KEYS  # the schema: [sweep]'s keys
 from peftkit.recipe.sweep_table import check_sweep_table, parse_sweep_table
@@ -514,6 +514,8 @@ def _adapter_section(raw: dict[str, Any], problems: list[Problem]) -> dict[str, 
             ok = False
         else:
             error = check_value(value, fields[target])
+            if error and target == "init_lora_weights" and is_pissa_niter(value):
+                error = ""  # peft's annotation spells it as the literal "pissa_niter_[number of iters]"
             if error:
                 problems.append(Problem(f"adapter.{key}", error, _type_fix(key, fields[target])))
                 ok = False
@@ -529,6 +531,10 @@ def _adapter_section(raw: dict[str, Any], problems: list[Problem]) -> dict[str, 
         if refused:
             problems.append(Problem(f"adapter.{key}", *refused))
             ok = False
+    if ok:  # the method's own rules (adapters.method_problems): required keys, device needs
+        found = method_problems(out)
+        problems += [Problem(*p) for p in found]
+        ok = not found
     return out if ok else None
 
 

@@ -615,11 +615,39 @@ def generate_from_prompts(model: Any, input_ids: Any, attention_mask: Any, **gen
     """Generated token ids only: a decoder-only model's output is stripped of its (left-padded) prompt."""
     import torch
 
+    encoder_decoder = is_encoder_decoder(_unwrap(model).config)
+    if not encoder_decoder and getattr(
+        getattr(model, "peft_config", {}).get("default"), "is_prompt_learning", False
+    ):
+        return _generate_one_by_one(model, input_ids, attention_mask, **gen_kwargs)
     with torch.no_grad():
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
-    if is_encoder_decoder(_unwrap(model).config):
+    if encoder_decoder:
         return output
     return output[:, input_ids.shape[1] :]
+
+
+def _generate_one_by_one(model: Any, input_ids: Any, attention_mask: Any, **gen_kwargs: Any) -> Any:
+    """Each prompt generated alone, without padding; rows padded with -100 (skipped when decoded).
+
+    peft's prompt-learning models put their virtual tokens (or prefix) *before* the left padding of a
+    decoder-only batch, so the padding sits between the learned prompt and the text, and the positions
+    shift with it: the same record generates other tokens alone and in a batch.
+    """
+    import torch
+
+    rows = []
+    with torch.no_grad():
+        for ids, mask in zip(input_ids, attention_mask, strict=True):
+            keep = mask.bool()
+            prompt = ids[keep][None, :]
+            output = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **gen_kwargs)
+            rows.append(output[0, prompt.shape[1] :])
+    width = max((len(row) for row in rows), default=0)
+    padded = torch.full((len(rows), width), -100, dtype=input_ids.dtype, device=input_ids.device)
+    for i, row in enumerate(rows):
+        padded[i, : len(row)] = row
+    return padded
 
 
 def _generation_prediction_step(
