@@ -1,6 +1,6 @@
 """docs/support-matrix.md from the results of tests/integration/test_support_matrix.py (never by hand).
 
-    PEFTKIT_SUPPORT_MATRIX_JSON=docs/support-matrix.json OMP_NUM_THREADS=1 \\
+    PEFTKIT_SUPPORT_MATRIX=1 PEFTKIT_SUPPORT_MATRIX_JSON=docs/support-matrix.json OMP_NUM_THREADS=1 \\
         python -m pytest tests/integration/test_support_matrix.py
     python scripts/support_matrix.py            # docs/support-matrix.json -> docs/support-matrix.md
 
