@@ -27,7 +27,6 @@ NOISY_LOGGERS = (
     "datasets",
     "peft",
     "accelerate",
-    "bitsandbytes",  # warns at import that an optional CPU kernel package is missing
     "torch",
     "httpx",
     "filelock",
@@ -46,9 +45,18 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def _quiet_libraries() -> None:
-    """Keep the console for peftkit's own progress and summary."""
+def _quiet_libraries(recipe: Any = None) -> None:
+    """Keep the console for peftkit's own progress and summary (``recipe``: the run's, whose DeepSpeed and
+    4-bit settings decide which library notices apply; see :mod:`peftkit.console`)."""
     import warnings
+
+    from peftkit.console import quiet_libraries
+
+    quantization = getattr(recipe, "quantization", None)
+    quiet_libraries(
+        deepspeed=bool(recipe is not None and recipe.train.get("deepspeed")),
+        four_bit=quantization is not None and quantization.bits == 4,
+    )
 
     # peft calls a transformers method deprecated for v6 on every adapter load; not the user's concern
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -105,7 +113,7 @@ def finetune(recipe: Path, overrides: tuple[str, ...], overwrite: bool, resume: 
     from peftkit.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)  # validate before any heavy import
-    _quiet_libraries()
+    _quiet_libraries(loaded)
     from peftkit.training import finetune as run_finetune
 
     result = run_finetune(loaded, overwrite=overwrite, resume=resume)
@@ -123,6 +131,7 @@ def finetune(recipe: Path, overrides: tuple[str, ...], overwrite: bool, resume: 
             f"{result.metrics['total_params']:,} params; "
             f"{result.metrics['wall_time_s']} s; peak RSS {result.metrics['peak_rss_mb']} MB"
         )
+        click.echo(f"  {result.kept}")
 
 
 @main.command()
@@ -270,7 +279,7 @@ def cv(recipe: Path, folds: int, overrides: tuple[str, ...], out: Path | None, o
     from peftkit.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)
-    _quiet_libraries()
+    _quiet_libraries(loaded)
     from peftkit.cv import CV_SUMMARY, run_cv
 
     result = run_cv(loaded, folds, out_dir=out, overwrite=overwrite)
@@ -532,7 +541,7 @@ def plan(
     from peftkit.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)
-    _quiet_libraries()
+    _quiet_libraries(loaded)
     from peftkit.plan import format_bytes, plan_recipe
 
     result = plan_recipe(loaded, seq_len=seq_len, device=device)

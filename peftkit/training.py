@@ -21,6 +21,7 @@ from peftkit.recipe import Recipe
 class RunResult:
     run_dir: Path
     metrics: dict[str, Any]
+    kept: str = ""  # which weights the run kept and why (trainer.kept_model)
 
 
 def finetune(
@@ -43,7 +44,7 @@ def finetune(
     from peftkit.plan import measure_optimizer_state
     from peftkit.tasks import TASKS
     from peftkit.tasks.base import TaskContext
-    from peftkit.trainer import build_trainer, save_trained_model, training_arguments
+    from peftkit.trainer import build_trainer, kept_model, save_trained_model, training_arguments
 
     started = time.time()
     task = TASKS[recipe.task_name]
@@ -96,4 +97,4 @@ def finetune(
         # save: every rank joins (under ZeRO-3 save_model gathers the adapter's shards); rank 0 writes
         save_trained_model(trainer, run.dir, task.best_metric(recipe.task)[0], main=run.main)
         run.complete(task.name, ctx.labels, metrics, trainer.state.log_history, data_fingerprints(raw))
-    return RunResult(run_dir=run.dir, metrics=metrics)
+    return RunResult(run_dir=run.dir, metrics=metrics, kept=kept_model(trainer.state, args))
