@@ -308,7 +308,9 @@ def compare(run_dirs: tuple[Path, ...], split: str | None, output: Path | None, 
     from peftkit.compare import compare_runs, format_table, plot_comparison, write_table
 
     comparison = compare_runs(run_dirs, split)
-    click.echo(f"{comparison.split} metrics\n" + format_table(comparison), nl=False)
+    scales = ", ".join(f"{task} {scale}" for task, scale in comparison.scales.items())
+    header = f"{comparison.split} metrics" + (f" (scores: {scales})" if scales else "")
+    click.echo(f"{header}\n" + format_table(comparison), nl=False)
     if output is not None:
         write_table(comparison, output)
         click.echo(f"wrote {output}")

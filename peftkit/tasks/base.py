@@ -110,6 +110,8 @@ class Task:
     is_detail_metric: Callable[[str], bool] = _no_detail_metrics
     # the column that cross-validation folds are stratified on (None: plain K-fold)
     stratify_column: str | None = None
+    # the range of the task's scores (exact match and F1 of SQuAD, sacreBLEU: "0-100"); comparisons label it
+    score_scale: str = "0-1"
 
     def best_metric(self, cfg: Any) -> tuple[str, bool]:
         """The metric that picks the best checkpoint, and whether greater is better."""

@@ -626,6 +626,7 @@ TASK = Task(
     compute_metrics=compute_metrics,
     predict=predict,
     primary_metric="f1",
+    score_scale="0-100",
     title="extractive question answering",
     usage_note="# transformers 5 has no question-answering pipeline: `peftkit predict` decodes spans",
     onnx_outputs=("start_logits", "end_logits"),
