@@ -568,8 +568,19 @@ def plan(
         ),
         ("total", result.total_bytes),
     ]
+    cpu = result.activation_model is not None and result.activation_model.device == "cpu"
+    if cpu:
+        lines += [
+            ("process baseline (measured: torch, transformers, data; no weights)", result.baseline_bytes),
+            ("peak process RSS (total + baseline)", result.process_rss_bytes),
+        ]
     for label, value in lines:
         click.echo(f"{label:<70} {format_bytes(value):>12}")
+    click.echo(f"padding: {result.padding}")
+    if not cpu:
+        click.echo(
+            f"host process baseline (measured, not on the device): {format_bytes(result.baseline_bytes)}"
+        )
     for note in result.notes:
         click.echo(f"note: {note}")
     model = result.activation_model
