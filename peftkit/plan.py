@@ -99,6 +99,15 @@ class MemoryPlan:
     gradient_checkpointing: bool
     notes: list[str] = field(default_factory=list)
     activation_model: ActivationModel | None = None
+    # RSS of the planning process after importing the stack and loading tokenizer and data, no weights:
+    # host memory every training process holds besides model state and activations
+    baseline_bytes: int = 0
+    padding: str = ""  # which sequence length the activations assume, and where it came from
+
+    @property
+    def process_rss_bytes(self) -> int:
+        """The CPU peak process RSS estimate: the process baseline plus model state and activations."""
+        return self.baseline_bytes + self.total_bytes
 
     @property
     def model_state_bytes(self) -> int:
@@ -131,6 +140,8 @@ def plan_recipe(recipe: Recipe, seq_len: int | None = None, device: str | None =
     for key, value in task.model_kwargs(ctx).items():
         setattr(model_config, key, value)
     dtype = DTYPE_BYTES.get(recipe.model.dtype, 4)
+    # what a training process holds before its weights: torch, transformers, peft, the tokenizer and the data
+    baseline = process_rss_bytes()
     with torch.device("meta"):
         model = task.model_class(model_config).from_config(model_config)
     model = apply_adapter(model, meta_adapter_options(recipe.adapter), task, model_config)
@@ -146,7 +157,7 @@ def plan_recipe(recipe: Recipe, seq_len: int | None = None, device: str | None =
         recipe.train.get("gradient_checkpointing") or recipe.train.get("activation_checkpointing")
     )
     batch = int(recipe.train.get("per_device_train_batch_size", 8))
-    length = seq_len or training_length(recipe.task, model_config)
+    length, padding = _planned_length(recipe, task, ctx, raw, seq_len, model_config)
     if device == "cuda":
         act, lora_act = activation_dtype_bytes(recipe)
         kernel = attention_kernel(model_config)
@@ -192,6 +203,8 @@ def plan_recipe(recipe: Recipe, seq_len: int | None = None, device: str | None =
         gradient_checkpointing=checkpointing,
         notes=notes,
         activation_model=used,
+        baseline_bytes=baseline,
+        padding=padding,
     )
 
 
@@ -666,3 +679,56 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"  # pragma: no cover
+
+
+# training examples tokenized to measure the longest feature (the first ones of the split)
+LENGTH_SAMPLE = 5000
+
+
+def _planned_length(
+    recipe: Recipe, task: Any, ctx: Any, raw: Any, seq_len: int | None, model_config: Any
+) -> tuple[int, str]:
+    """The padded length of the largest training batch, and a line saying where it came from.
+
+    Every task's collator pads a batch to its longest feature (dynamic padding), so the peak batch is as
+    long as the longest training feature, not ``max_length``: QA planned at ``max_length`` was 1.9x over.
+    An encoder-decoder's feature holds only the source (the target is its labels), so it is planned at
+    :func:`training_length`'s layer-weighted mean of the two limits instead.
+    """
+    max_length = training_length(recipe.task, model_config)
+    if seq_len:
+        return seq_len, f"{seq_len} tokens a sequence (--seq-len)"
+    if getattr(model_config, "is_encoder_decoder", False):
+        return max_length, (
+            f"{max_length} tokens: the layer-weighted mean of max_source_length and max_target_length "
+            "(encoder and decoder lengths)"
+        )
+    if "train" not in raw:
+        return max_length, f"every batch padded to max_length {max_length} (no training split to measure)"
+    split = raw["train"]
+    count = min(len(split), LENGTH_SAMPLE)
+    longest = 0
+    for first in range(0, count, 500):
+        rows = split.select(range(first, min(first + 500, count)))
+        features = task.preprocess(rows.to_dict(), ctx, True)
+        longest = max([longest, *(len(ids) for ids in features.get("input_ids", []))])
+    if not longest:
+        return max_length, f"every batch padded to max_length {max_length} (no input_ids to measure)"
+    of = f"the first {count:,} of {len(split):,}" if count < len(split) else f"all {count:,}"
+    return longest, (
+        f"batches padded to their longest feature: the longest of {of} training examples, tokenized, is "
+        f"{longest} tokens (limit {max_length})"
+    )
+
+
+def process_rss_bytes() -> int:
+    """This process's resident set size now (Linux /proc; elsewhere its peak so far)."""
+    import os
+    import resource
+
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak) * (1 if os.uname().sysname == "Darwin" else 1024)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from peftkit import runs
+from peftkit.console import progress_bars_fit
 from peftkit.recipe import TRAIN_OWN_KEYS, Recipe
 from peftkit.tasks.base import Task, TaskContext
 
@@ -36,6 +37,9 @@ def training_arguments(recipe: Recipe, task: Task, run_dir: Path) -> Any:
     metric, greater = task.best_metric(recipe.task)
     kwargs.setdefault("metric_for_best_model", metric)
     kwargs.setdefault("greater_is_better", greater)
+    # progress bars where they redraw in place; in a log file the Trainer prints one line per logging step
+    # instead (its PrinterCallback) rather than thousands of carriage-return updates
+    kwargs.setdefault("disable_tqdm", not progress_bars_fit())
     if recipe.train.get("deepspeed"):
         kwargs["deepspeed"] = recipe.train["deepspeed"]
     if not torch.cuda.is_available():
@@ -325,3 +329,25 @@ def save_trained_model(trainer: Any, run_dir: Path, best_metric: str, main: bool
         base_config.save_pretrained(str(stage))  # id2label/label2id travel with the adapter
         plot_curves(trainer.state.log_history, stage / "plots", best_metric)
         runs.publish(stage, run_dir)
+
+
+def kept_model(state: Any, args: Any) -> str:
+    """Which weights a finished training kept, and why, in one sentence (the run summary's last line).
+
+    With ``load_best_model_at_end`` the Trainer reloads the best checkpoint by ``metric_for_best_model``;
+    otherwise (or when no evaluation ran) the run keeps the weights of its last step.
+    """
+    ran = f"step {state.global_step} of {state.max_steps}"
+    if args.load_best_model_at_end and state.best_model_checkpoint:
+        metric = args.metric_for_best_model or "loss"
+        name = metric if metric.startswith("eval_") else f"eval_{metric}"
+        which = "highest" if args.greater_is_better else "lowest"
+        at = f" at step {state.best_global_step}" if state.best_global_step else ""
+        return (
+            f"kept {Path(state.best_model_checkpoint).name} ({which} {name} {state.best_metric:.4g}{at}; "
+            f"training ran to {ran})"
+        )
+    why = (
+        "no evaluation chose a best checkpoint" if args.load_best_model_at_end else "no best-model selection"
+    )
+    return f"kept the last step ({ran}; {why})"

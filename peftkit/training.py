@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 class RunResult:
     run_dir: Path
     metrics: dict[str, Any]
+    kept: str = ""  # which weights the run kept and why (trainer.kept_model)
 
 
 def finetune(
@@ -52,7 +53,7 @@ def finetune(
     from peftkit.preflight import check_recipe, training_arguments
     from peftkit.tasks import TASKS
     from peftkit.tasks.base import TaskContext
-    from peftkit.trainer import build_trainer, save_trained_model
+    from peftkit.trainer import build_trainer, kept_model, save_trained_model
 
     started = time.time()
     task = TASKS[recipe.task_name]
@@ -120,7 +121,7 @@ def finetune(
         if run.checkpoint is not None:
             metrics["resumed_from"] = str(run.checkpoint)
         run.complete(task.name, ctx.labels, metrics, trainer.state.log_history, data_fingerprints(raw, task))
-    return RunResult(run_dir=run.dir, metrics=metrics)
+    return RunResult(run_dir=run.dir, metrics=metrics, kept=kept_model(trainer.state, args))
 
 
 def planned_steps(args: Any, train_rows: int) -> int:

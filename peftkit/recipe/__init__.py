@@ -188,7 +188,6 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "train_sampling_strategy": "group_by_length",
     "report_to": ["tensorboard"],
     "dataloader_pin_memory": False,
-    "disable_tqdm": False,  # progress bars stay on even though peftkit quiets library logging
     "seed": 42,
     "warmup_steps": 0.06,
     "weight_decay": 0.01,

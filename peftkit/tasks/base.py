@@ -128,6 +128,8 @@ class Task:
     # the columns holding the references: a test split without them (or with null, or label -1, in every
     # record) is predicted, not scored
     reference_columns: tuple[str, ...] = ()
+    # the range of the task's scores (exact match and F1 of SQuAD, sacreBLEU: "0-100"); comparisons label it
+    score_scale: str = "0-1"
 
     def best_metric(self, cfg: Any) -> tuple[str, bool]:
         """The metric that picks the best checkpoint, and whether greater is better."""

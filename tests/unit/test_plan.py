@@ -215,3 +215,45 @@ def test_activation_estimate_structure() -> None:
     # full fine-tuning keeps the same linear inputs as LoRA without dropout, but not LoRA's B·A·x temporaries
     full = estimate(full_finetuning=True, adapter={})
     assert full < estimate(adapter={**lora, "lora_dropout": 0.0}) < estimate()
+
+
+def test_plan_states_the_measured_padding_and_process_baseline(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    """Issue 20: plan assumed every batch padded to max_length (QA 1.9x over) and left out the process
+    baseline (seq_cls 30% under); it now measures the longest training feature and this process's RSS."""
+    from transformers import AutoTokenizer
+
+    from tests.conftest import invoke_cli
+
+    texts = ["hello there", "a much longer message about the meeting at noon tomorrow", "bye now"]
+    (tmp_path / "train.csv").write_text(
+        "text,label\n" + "".join(f"{t},{i % 2}\n" for i, t in enumerate(texts))
+    )
+    (tmp_path / "validation.csv").write_text("text,label\nhi,0\nok,1\n")
+    (tmp_path / "plan.toml").write_text(
+        f'[model]\nname_or_path = "{tiny_bert_dir}"\n[task]\ntype = "seq_cls"\nmax_length = 64\n'
+        '[data]\ntrain_file = "train.csv"\nvalidation_file = "validation.csv"\n'
+        "[adapter]\nr = 4\n[train]\nper_device_train_batch_size = 2\n"
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    longest = max(len(tokenizer(t)["input_ids"]) for t in texts)
+    assert longest < 64
+    result = invoke_cli("plan", str(tmp_path / "plan.toml"), "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert f"activations (batch 2 x {longest} tokens; estimate)" in result.output
+    assert (
+        "padding: batches padded to their longest feature: the longest of all 3 training examples, "
+        f"tokenized, is {longest} tokens (max_length 64)"
+    ) in result.output
+    assert "process baseline (measured: torch, transformers, data; no weights)" in result.output
+    assert "peak process RSS (total + baseline)" in result.output
+    forced = invoke_cli("plan", str(tmp_path / "plan.toml"), "--device", "cpu", "--seq-len", "32")
+    assert (
+        "activations (batch 2 x 32 tokens" in forced.output
+        and "padding: 32 tokens a sequence" in forced.output
+    )
+
+    r = recipe(tmp_path, tiny_bert_dir)
+    planned = plan_recipe(r, device="cpu")
+    # a process that imported torch and transformers holds well over 100 MiB before any weights
+    assert planned.baseline_bytes > 100 * 2**20
+    assert planned.process_rss_bytes == planned.baseline_bytes + planned.total_bytes

@@ -261,3 +261,45 @@ def test_inconsistent_inputs_are_refused() -> None:
         )
     with pytest.raises(ValueError, match="preprocess them with train=False"):
         postprocess_qa_predictions(examples, {"input_ids": [[1]]}, logits, logits)
+
+
+# --- answers are whole words (issue 19.7: "rosene" from "kerosene") -------------------------------
+
+LAMP = "In 1902 the lamp burned kerosene, and later (1920s) paraffin."
+
+
+def lamp_answer(tokenizer: Any, first_piece: str, last_piece: str) -> Any:
+    """Decode with the start logit on ``first_piece`` and the end logit on ``last_piece`` (WordPiece tokens
+    of the real MiniLM tokenizer), through the real windowing."""
+    batch = {"id": ["lamp"], "question": ["What fuel did the lamp use in 1902?"], "context": [LAMP]}
+    features = preprocess(batch, context(tokenizer), train=False)
+    pieces = tokenizer.convert_ids_to_tokens(features["input_ids"][0])
+    inside = [t for t, o in enumerate(features["offset_mapping"][0]) if o is not None]
+    start = next(t for t in inside if pieces[t] == first_piece)
+    end = next(t for t in inside if pieces[t] == last_piece and t >= start)
+    starts = np.zeros((1, len(pieces)))
+    ends = np.zeros((1, len(pieces)))
+    starts[0, start] = ends[0, end] = 10.0
+    return postprocess_qa_predictions(batch, features, starts, ends)[0]
+
+
+def test_a_sub_word_span_widens_to_the_whole_word(tokenizer: Any) -> None:
+    assert tokenizer.tokenize("kerosene") == ["ke", "##rose", "##ne"]  # what the cases below cut
+    for first, last in (("##rose", "##rose"), ("ke", "##rose"), ("##rose", "##ne"), ("##ne", "##ne")):
+        decoded = lamp_answer(tokenizer, first, last)
+        assert (decoded.text, decoded.start) == ("kerosene", LAMP.index("kerosene")), (first, last)
+        assert decoded.end == decoded.start + len("kerosene")
+    # a span already on word boundaries is kept; punctuation next to a word is not pulled in
+    assert lamp_answer(tokenizer, "ke", "##ne").text == "kerosene"
+    assert lamp_answer(tokenizer, "##ffin", "##ffin").text == "paraffin"
+    assert lamp_answer(tokenizer, "##ne", ",").text == "kerosene,"
+    assert lamp_answer(tokenizer, "1902", "1902").text == "1902"
+
+
+def test_snapping_keeps_scripts_written_without_spaces() -> None:
+    # a CJK context: characters are not separated into words by spaces, so no run of them is one word
+    examples = {"id": ["q"], "context": ["東京は日本の首都です"]}
+    offsets = [None, (0, 2), (2, 3), (3, 5), (5, 6), (6, 8), (8, 10)]
+    features = {"example_id": ["q"], "offset_mapping": [offsets]}
+    logits = np.array([[0, 9, 0, 0, 0, 0, 0]], dtype=float)
+    assert postprocess_qa_predictions(examples, features, logits, logits)[0].text == "東京"

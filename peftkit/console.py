@@ -1,0 +1,82 @@
+"""What reaches the console: library warnings that do not apply to a peftkit run are dropped, each by its
+logger and message (real warnings of the same libraries still show), and progress bars only where they
+redraw in place (a terminal or a notebook), never piled up in a log file.
+
+Imports nothing heavy at module level; the CLI calls :func:`quiet_libraries` before its first heavy import.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+
+# deepspeed (imported by accelerate on every Trainer) logs this on any machine without CUDA, once per
+# process; on a CPU run that is simply the truth. Kept when the recipe uses DeepSpeed.
+DEEPSPEED_NO_ACCELERATOR = "If you have GPU or other accelerator, we were unable to detect it"
+# bitsandbytes on an AVX512-BF16 CPU fetches an optional 4-bit GEMM kernel from the Hub at import and
+# falls back to its own implementation when it cannot (offline, or `kernels` not installed); only a 4-bit
+# CPU run uses that kernel. Kept for such a run.
+BNB_OPTIONAL_CPU_KERNEL = "Failed to load CPU gemm_4bit_forward from kernels-community"
+# peft, saving an adapter whose base folder has no config.json (a GGUF file), cannot tell whether the
+# vocabulary was resized; peftkit never resizes embeddings (the pad token reuses an existing one).
+PEFT_NO_BASE_CONFIG = r"Could not find a config file in .* will assume that the vocabulary was not modified"
+
+
+class DropMessages(logging.Filter):
+    """Drop the records whose message contains one of ``needles``; pass every other record."""
+
+    def __init__(self, *needles: str) -> None:
+        super().__init__()
+        self.needles = needles
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(needle in message for needle in self.needles)
+
+
+def _drop(logger_name: str, needle: str) -> None:
+    logger = logging.getLogger(logger_name)
+    # a logger's filters survive the library configuring it later (deepspeed sets its level and handler
+    # on import, after this runs); one filter per message, however often this is called
+    if not any(isinstance(f, DropMessages) and f.needles == (needle,) for f in logger.filters):
+        logger.addFilter(DropMessages(needle))
+
+
+def progress_bars_fit() -> bool:
+    """Whether progress bars redraw in place: stderr is a terminal, or this is a notebook."""
+    if sys.stderr is not None and sys.stderr.isatty():
+        return True
+    try:
+        from IPython import get_ipython  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
+def drop_notices(*, deepspeed: bool = False, four_bit: bool = False) -> None:
+    """Drop the known library notices that do not apply (``deepspeed``/``four_bit``: the run uses them)."""
+    if not deepspeed:
+        _drop("DeepSpeed", DEEPSPEED_NO_ACCELERATOR)
+    if not four_bit:
+        _drop("bitsandbytes.backends.cpu.ops", BNB_OPTIONAL_CPU_KERNEL)
+    warnings.filterwarnings("ignore", message=PEFT_NO_BASE_CONFIG, category=UserWarning)
+
+
+def quiet_libraries(*, deepspeed: bool = False, four_bit: bool = False) -> None:
+    """:func:`drop_notices`, and off a terminal no progress bars of datasets, transformers and
+    huggingface_hub (the Trainer's follow ``disable_tqdm``, see ``trainer.training_arguments``)."""
+    drop_notices(deepspeed=deepspeed, four_bit=four_bit)
+    if progress_bars_fit():
+        return
+    try:
+        import datasets
+        import huggingface_hub.utils
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
