@@ -58,7 +58,7 @@ class FusedLoraLinear(torch.autograd.Function):
     ``h = A·dropout(x)`` instead of the mask and the dropped input."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: torch.Tensor,
         weight: torch.Tensor,
@@ -91,7 +91,7 @@ class FusedLoraLinear(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, lora_a, lora_b, h = ctx.saved_tensors
         base_dtype, xl_dtype, lora_dtype, total_dtype = ctx.dtypes
         enabled, dtype, device = ctx.autocast
@@ -203,7 +203,7 @@ def install(model: nn.Module) -> FusedReport:
             continue
         if not hasattr(module, _ATTRIBUTE):
             setattr(module, _ATTRIBUTE, True)
-            module.forward = types.MethodType(_fused_forward, module)  # type: ignore[method-assign]
+            module.forward = types.MethodType(_fused_forward, module)
         report.fused += 1
     if report.fused or report.kept:
         logger.info(report.message())

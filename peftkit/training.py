@@ -34,7 +34,7 @@ def finetune(
     """
     from transformers import set_seed
 
-    from peftkit import runs
+    from peftkit import fused_lora, runs
     from peftkit.adapters import apply_adapter, count_parameters
     from peftkit.data import data_fingerprints, load_raw_datasets, tokenize_splits
     from peftkit.evaluation import evaluate_split
@@ -66,6 +66,8 @@ def finetune(
         gradient_checkpointing = bool(recipe.train.get("gradient_checkpointing"))
         model = load_model_for_training(recipe.model, task, ctx, recipe.quantization, gradient_checkpointing)
         model = apply_adapter(model, recipe.adapter, task, model_config)
+        if recipe.train.get("fused_lora", True) and recipe.adapter["method"] == "lora":
+            fused_lora.install(model)  # the same run as peft's layers, with fewer saved activations
         trainable, total = count_parameters(model)
         # train
         trainer = build_trainer(

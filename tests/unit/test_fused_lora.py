@@ -59,7 +59,9 @@ def _step(layer: Any, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict[st
     out.pow(2).sum().backward()
     grads = {"x": x.grad, "A": layer.lora_A["default"].weight.grad, "B": layer.lora_B["default"].weight.grad}
     params = {id(p) for p in layer.parameters()}
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved if id(t) not in params}
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved if id(t) not in params
+    }
     storages.pop(x.untyped_storage().data_ptr(), None)  # the input: held by the caller either way
     return out.detach(), grads, sum(storages.values())
 
@@ -85,7 +87,11 @@ def test_same_output_and_gradients_as_peft_and_fewer_saved_bytes(rslora: bool) -
     # evaluation (no grad) and uninstall go back to peft's forward
     with torch.no_grad():
         layer.eval()
-        assert torch.equal(layer(x), layer.base_layer(x) + layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"])
+        assert torch.equal(
+            layer(x),
+            layer.base_layer(x)
+            + layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"],
+        )
     assert fused_lora.uninstall(layer) == 1 and "forward" not in vars(layer)
 
 
