@@ -70,24 +70,34 @@ class FusedLoraLinear(torch.autograd.Function):
         cast: bool,
     ) -> torch.Tensor:
         device = x.device.type
-        ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device), device)
+        enabled = torch.is_autocast_enabled(device)
+        ctx.autocast = (enabled, torch.get_autocast_dtype(device), device)
         # the order of peft's lora.Linear.forward: the base layer, then the cast and the dropout draw
         base = F.linear(x, weight, bias)
         xl = x.to(lora_a.dtype) if cast and x.dtype != lora_a.dtype else x
         state = None
         if p > 0:
             state = _generator(x.device).get_state()
-            xd = xl * _scaled_mask(xl, p)
+            xd = _scaled_mask(xl, p).mul_(xl)  # mask · x in the mask's buffer: x · mask, bit for bit
         else:
             xd = xl
         h = F.linear(xd, lora_a)
-        lora = F.linear(h, lora_b) * scaling
-        total = base + lora
-        out = total.to(base.dtype)
+        del xd
+        # one GEMM for base + scaling · h·Bᵀ where the dtypes allow (peft: three more ops over the output)
+        fused = base.dtype == h.dtype and (enabled or lora_b.dtype == h.dtype) and base.is_contiguous()
+        if fused:
+            b_t = lora_b.t().to(h.dtype)  # under autocast: the cast F.linear would make
+            out = base.view(-1, base.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b_t, alpha=scaling)
+            out = out.view(base.shape)
+            lora_dtype = total_dtype = base.dtype
+        else:
+            lora = F.linear(h, lora_b) * scaling
+            total = base + lora
+            out = total.to(base.dtype)
+            lora_dtype, total_dtype = lora.dtype, total.dtype
         ctx.save_for_backward(x, weight, lora_a, lora_b, h)
         ctx.state, ctx.p, ctx.scaling = state, p, scaling
-        ctx.dtypes = (base.dtype, xl.dtype, lora.dtype, total.dtype)
-        ctx.has_bias = bias is not None
+        ctx.dtypes = (base.dtype, xl.dtype, lora_dtype, total_dtype)
         return out
 
     @staticmethod
@@ -96,14 +106,19 @@ class FusedLoraLinear(torch.autograd.Function):
         base_dtype, xl_dtype, lora_dtype, total_dtype = ctx.dtypes
         enabled, dtype, device = ctx.autocast
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
+        one_dtype = not enabled and len({base_dtype, xl_dtype, lora_dtype, x.dtype, h.dtype}) == 1
         with torch.autocast(device_type=device, dtype=dtype, enabled=enabled):
             g = grad.reshape(-1, grad.shape[-1]).to(total_dtype)
-            t = g.to(lora_dtype) * ctx.scaling  # the gradient of B(A(dropout(x)))
             h2 = h.reshape(-1, h.shape[-1])
-            grad_b = t.t().mm(h2) if need_b else None
+            if one_dtype:  # scaling applied to the small rank-r products, not to the whole gradient
+                grad_b = g.t().mm(h2).mul_(ctx.scaling) if need_b else None
+                gh = g.mm(lora_b).mul_(ctx.scaling) if need_x or need_a else None
+            else:
+                t = g.to(lora_dtype) * ctx.scaling  # the gradient of B(A(dropout(x)))
+                grad_b = t.t().mm(h2) if need_b else None
+                gh = t.mm(lora_b) if need_x or need_a else None  # under autocast, mm casts as forward's did
             grad_x = grad_a = None
-            if need_x or need_a:
-                gh = t.mm(lora_b)  # the gradient of h (under autocast, mm casts as the forward's linear did)
+            if gh is not None:
                 xl = x.reshape(-1, x.shape[-1]).to(xl_dtype)
                 mask = None
                 if ctx.p > 0:
@@ -112,14 +127,18 @@ class FusedLoraLinear(torch.autograd.Function):
                     generator.set_state(ctx.state)
                     mask = _scaled_mask(xl, ctx.p)
                     generator.set_state(now)
-                if need_a:
-                    xd = xl * mask if mask is not None else xl
-                    grad_a = gh.t().mm(xd)
                 if need_x:
-                    gxd = gh.mm(lora_a)
-                    gxl = gxd * mask if mask is not None else gxd
-                    grad_x = g.to(base_dtype).mm(weight) + gxl.to(base_dtype)
-                    grad_x = grad_x.reshape(x.shape).to(x.dtype)
+                    gxl = gh.mm(lora_a)  # the gradient of dropout(x), then of x through the mask
+                    if mask is not None:
+                        gxl.mul_(mask)
+                    if one_dtype:
+                        grad_x = gxl.addmm_(g, weight)  # + g·W, the frozen base layer's part
+                    else:
+                        grad_x = g.to(base_dtype).mm(weight) + gxl.to(base_dtype)
+                    grad_x = grad_x.view(x.shape).to(x.dtype)
+                if need_a:
+                    xd = mask.mul_(xl) if mask is not None else xl
+                    grad_a = gh.t().mm(xd)
         return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
