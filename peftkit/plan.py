@@ -428,7 +428,8 @@ def layer_activation_floats(
     dropout's mask and dropped-out input copy (or just its input without dropout) and the rank-r ``A·x``.
     Without attention dropout one score-sized tensor is assumed (not measured). On the fused path
     (peftkit.fused_lora) a LoRA linear keeps its input (one shared by q/k/v, as in full fine-tuning) and
-    ``A·dropout(x)``; its mask and dropped copy are temporaries, regenerated in the backward pass.
+    ``A·dropout(x)``; its mask (holding the dropped copy) and bernoulli_'s int32 draw are temporaries,
+    the mask regenerated in the backward pass, and its output is the base layer's.
     """
     role_inputs = {"qkv": hidden, "o": hidden, "up": hidden, "down": inter}
     attention_copies = 3 if attention_dropout else 1
@@ -438,11 +439,14 @@ def layer_activation_floats(
     lora_temporaries = 0
     for role in adapted:
         saved += rank
-        lora_temporaries += 3 * (inter if role == "up" else hidden)  # B·A·x, its scaled copy, the sum
         if fused_lora:
+            # the output is the base layer's (one GEMM adds scaling · h·Bᵀ into it); the mask, into which
+            # the dropped input is written, and the int32 draw bernoulli_ fills first are freed
             saved_inputs.add(role)
-            lora_temporaries += 2 * role_inputs[role] if lora_dropout else 0  # mask, dropped copy
-        elif lora_dropout:
+            lora_temporaries += 2 * role_inputs[role] if lora_dropout else 0
+            continue
+        lora_temporaries += 3 * (inter if role == "up" else hidden)  # B·A·x, its scaled copy, the sum
+        if lora_dropout:
             saved += 2 * role_inputs[role]
         else:
             saved_inputs.add(role)

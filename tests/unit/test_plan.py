@@ -142,7 +142,8 @@ def test_saved_activation_count_hand_computed() -> None:
         h, i, heads, seq, adapted=roles, lora_dropout=True, full_finetuning=False, fused_lora=True, **common
     )
     assert fused == no_dropout  # the fused path keeps each distinct input once and A·x, no mask or copy
-    assert fused_tmp == lora_tmp - (3 * h + i) + 2 * (5 * h + i)  # its masks and dropped copies are freed
+    # inputs saved, no B·A·x/scaled/sum copies of the output, a mask and an int32 draw per input
+    assert fused_tmp == lora_tmp - (3 * h + i) - 3 * (5 * h + i) + 2 * (5 * h + i)
 
 
 @pytest.mark.parametrize("case", ["full", "lora", "lora_no_dropout", "lora_qv", "fused", "fused_qv"])
