@@ -173,6 +173,7 @@ def plan_recipe(recipe: Recipe, seq_len: int | None = None, device: str | None =
             kernel=kernel,
             vocab_logits=_output_embeddings(model) is not None,
             residual_bytes=4 if recipe.quantization is not None else act,
+            fused_lora=fused_lora_planned(recipe),
         )
         used = ActivationModel(
             "cuda",
@@ -184,7 +185,13 @@ def plan_recipe(recipe: Recipe, seq_len: int | None = None, device: str | None =
         )
     else:
         activations = activation_bytes(
-            model_config, batch, length, checkpointing, recipe.adapter, adapted=adapted_roles(model)
+            model_config,
+            batch,
+            length,
+            checkpointing,
+            recipe.adapter,
+            adapted=adapted_roles(model),
+            fused_lora=fused_lora_planned(recipe),
         )
         used = ActivationModel(
             "cpu", "fp32 activations, math attention, glibc heap (process RSS)", True, CPU_CALIBRATION
@@ -238,6 +245,16 @@ def training_length(cfg: Any, model_config: Any) -> int:
         getattr(model_config, "num_decoder_layers", 0) or getattr(model_config, "decoder_layers", encoder)
     )
     return math.ceil((int(source) * encoder + target * decoder) / (encoder + decoder))
+
+
+def fused_lora_planned(recipe: Recipe) -> bool:
+    """Whether finetune trains the recipe's LoRA linears on the fused path (peftkit.fused_lora): method
+    "lora" with ``[train] fused_lora`` on (the default), on an unquantized base."""
+    return (
+        bool(recipe.train.get("fused_lora", True))
+        and recipe.adapter.get("method", "lora") == "lora"
+        and recipe.quantization is None
+    )
 
 
 QKV_NAMES = {"query", "key", "value", "q_proj", "k_proj", "v_proj", "q", "k", "v", "q_lin", "k_lin", "v_lin"}
@@ -365,6 +382,7 @@ def activation_bytes(
     *,
     adapted: tuple[str, ...] | None = None,
     full_finetuning: bool = False,
+    fused_lora: bool = False,
 ) -> int:
     """Peak activation memory (fp32) of one training step of a BERT-style encoder, as process RSS on CPU.
 
@@ -391,7 +409,8 @@ def activation_bytes(
     32 x 128 and 4 x 512, the checkpointed arm within 13% of its noisier runs). The retained share and
     the mmap threshold describe glibc on CPU; a GPU's caching allocator is not modelled.
     ``adapted`` names the role of each LoRA-adapted linear of a layer ("qkv", "o", "up", "down");
-    ``None`` means all six. ``full_finetuning``: every weight trains, no adapter.
+    ``None`` means all six. ``full_finetuning``: every weight trains, no adapter. ``fused_lora``: the LoRA
+    linears run on peftkit's fused path (``layer_activation_floats``).
     """
     hidden, inter, layers, heads = transformer_shape(model_config)
     vocab = int(getattr(model_config, "vocab_size", 0) or 0)
@@ -412,6 +431,7 @@ def activation_bytes(
         rank=int(adapter.get("r", 8) or 8),
         lora_dropout=float(adapter.get("lora_dropout", 0) or 0) > 0,
         full_finetuning=full_finetuning,
+        fused_lora=fused_lora,
     )
     tokens = batch * seq_len
     retained = RETAINED_TEMPORARY_SHARE * temporaries
@@ -440,6 +460,7 @@ def layer_activation_floats(
     rank: int,
     lora_dropout: bool,
     full_finetuning: bool,
+    fused_lora: bool = False,
 ) -> tuple[int, int]:
     """Floats per token and layer that autograd saves, and that the forward frees (attention scores aside).
 
@@ -451,7 +472,10 @@ def layer_activation_floats(
     input only when its weight trains: full fine-tuning keeps the inputs of q/k/v (one shared), the
     attention output, the FFN up and down projections; frozen weights keep none. A LoRA linear keeps its
     dropout's mask and dropped-out input copy (or just its input without dropout) and the rank-r ``A·x``.
-    Without attention dropout one score-sized tensor is assumed (not measured).
+    Without attention dropout one score-sized tensor is assumed (not measured). On the fused path
+    (peftkit.fused_lora) a LoRA linear keeps its input (one shared by q/k/v, as in full fine-tuning) and
+    ``A·dropout(x)``; its mask (holding the dropped copy) and bernoulli_'s int32 draw are temporaries,
+    the mask regenerated in the backward pass, and its output is the base layer's.
     """
     role_inputs = {"qkv": hidden, "o": hidden, "up": hidden, "down": inter}
     attention_copies = 3 if attention_dropout else 1
@@ -461,6 +485,12 @@ def layer_activation_floats(
     lora_temporaries = 0
     for role in adapted:
         saved += rank
+        if fused_lora:
+            # the output is the base layer's (one GEMM adds scaling · h·Bᵀ into it); the mask, into which
+            # the dropped input is written, and the int32 draw bernoulli_ fills first are freed
+            saved_inputs.add(role)
+            lora_temporaries += 2 * role_inputs[role] if lora_dropout else 0
+            continue
         lora_temporaries += 3 * (inter if role == "up" else hidden)  # B·A·x, its scaled copy, the sum
         if lora_dropout:
             saved += 2 * role_inputs[role]
@@ -522,6 +552,7 @@ def cuda_layer_saved_bytes(
     lora_dropout: bool,
     attention_dropout: bool = False,
     hidden_dropout: bool = False,
+    fused_lora: bool = False,
 ) -> int:
     """Bytes per token that autograd saves in one transformer layer on CUDA (parameters excluded).
 
@@ -540,7 +571,9 @@ def cuda_layer_saved_bytes(
 
     BERT-style layers (``decoder=False``) use the same terms with LayerNorm (fp32 input, mean and rstd),
     GELU's input and the 1-byte masks of the two hidden dropouts; that variant is assembled from the same
-    rules, not counted separately.
+    rules, not counted separately. On the fused path (``fused_lora``, peftkit.fused_lora) a LoRA linear
+    keeps the layer's input itself (one tensor for q/k/v; o's input is the attention output the
+    flash/memory-efficient kernels save anyway) and ``A·x``; no cast copy, no mask.
     """
     a = act_bytes
     head_dim = hidden // max(heads, 1)
@@ -556,7 +589,14 @@ def cuda_layer_saved_bytes(
     saved += 3 * a * inter if decoder else a * inter  # SiLU in/out and up's output; GELU's input
     saved += 2 * hidden if hidden_dropout and not decoder else 0  # bool masks
     for role in adapted:
-        saved += lora_act_bytes * (role_inputs[role] + rank) + (role_inputs[role] if lora_dropout else 0)
+        if fused_lora:
+            saved += lora_act_bytes * rank
+        else:
+            saved += lora_act_bytes * (role_inputs[role] + rank) + (role_inputs[role] if lora_dropout else 0)
+    if fused_lora:
+        # the flash/memory-efficient kernels save their output, which is o's input: counted above
+        inputs = set(adapted) - ({"o"} if kernel != "math" else set())
+        saved += a * sum(role_inputs[role] for role in inputs)
     return saved
 
 
@@ -573,6 +613,7 @@ def cuda_activation_bytes(
     kernel: str = "flash/memory-efficient",
     vocab_logits: bool = False,
     residual_bytes: int | None = None,
+    fused_lora: bool = False,
 ) -> int:
     """Peak activation bytes of one training step on CUDA, as ``torch.cuda.max_memory_allocated`` sees it.
 
@@ -609,6 +650,7 @@ def cuda_activation_bytes(
         lora_dropout=float(adapter.get("lora_dropout", 0) or 0) > 0,
         attention_dropout=_dropout(model_config, "attention_probs_dropout_prob", "attention_dropout") > 0,
         hidden_dropout=_dropout(model_config, "hidden_dropout_prob", "dropout") > 0,
+        fused_lora=fused_lora,
     )
     tokens = batch * seq_len
     residual = residual_bytes or act_bytes

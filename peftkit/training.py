@@ -38,7 +38,7 @@ def finetune(
     """
     from transformers import set_seed
 
-    from peftkit import runs
+    from peftkit import fused_lora, runs
     from peftkit.adapters import (
         apply_adapter,
         count_parameters,
@@ -86,6 +86,10 @@ def finetune(
         )
         if run.checkpoint is None:  # a resumed run loads its trained adapter instead
             initialize_from_data(model, trainer.get_train_dataloader())  # EVA only
+        if recipe.train.get("fused_lora", True) and recipe.adapter["method"] == "lora":
+            # after EVA's data pass (it hooks peft's layers); the same run as peft's layers, with fewer
+            # saved activations (peftkit.fused_lora)
+            fused_lora.install(model)
         with run.training(trainer):
             checkpoint = str(run.checkpoint) if run.checkpoint else None
             train_output = trainer.train(resume_from_checkpoint=checkpoint)

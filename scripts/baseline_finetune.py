@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dynamic-padding", action="store_true", help="pad per batch (DataCollatorWithPadding)"
     )
     parser.add_argument("--full-finetune", action="store_true", help="train all weights, no adapter")
+    parser.add_argument(
+        "--fused-lora", action="store_true", help="peftkit's fused LoRA path on the peft model (benchmarks)"
+    )
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--alpha", type=int, default=16)
@@ -150,6 +153,10 @@ def run(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> dict[str, An
             modules_to_save=["classifier"],
         )
         model = get_peft_model(model, lora)
+        if args.fused_lora:
+            from peftkit import fused_lora
+
+            fused_lora.install(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 

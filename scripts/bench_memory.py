@@ -31,11 +31,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "seq_cls_lora.toml"
+# the LoRA arms keep peft's own layers (train.fused_lora=false) except fused_lora: peftkit's fused path
+PEFT_LAYERS = "train.fused_lora=false"
 ARMS = {
     "full": [],
-    "lora": [],
-    "lora+checkpointing": ["train.gradient_checkpointing=true"],
-    "lora+adamw_8bit": ["train.optim=adamw_bnb_8bit"],
+    "lora": [PEFT_LAYERS],
+    "fused_lora": [],
+    "lora+checkpointing": ["train.gradient_checkpointing=true", PEFT_LAYERS],
+    "lora+adamw_8bit": ["train.optim=adamw_bnb_8bit", PEFT_LAYERS],
     "qlora_4bit": ["quantization.bits=4"],
 }
 
@@ -92,6 +95,12 @@ def measure_step(arm: str, recipe: object, task: object, args: argparse.Namespac
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = apply_adapter(model, recipe.adapter, task, config)
+        from peftkit.plan import fused_lora_planned
+
+        if fused_lora_planned(recipe):  # as finetune does
+            from peftkit import fused_lora
+
+            fused_lora.install(model)
     if recipe.train.get("gradient_checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

@@ -6,8 +6,10 @@ subprocess with the same thread count:
 - peftkit:            `peftkit.finetune(recipe)` as a user runs it (length-grouped batches, dynamic padding);
 - baseline_max_length: scripts/baseline_finetune.py, the course's way (padding="max_length", random batches);
 - baseline_dynamic:   the same with DataCollatorWithPadding (each random batch padded to its longest);
-- lora_steps / full_steps: a fixed number of steps of LoRA and of full fine-tuning on the same batches
-  (the baseline script, dynamic padding), for step time, memory and FLOPs side by side.
+- lora_steps / fused_lora_steps / full_steps: a fixed number of steps of LoRA with peft's layers, of LoRA
+  on peftkit's fused path (peftkit.fused_lora: the same run, fewer saved activations) and of full
+  fine-tuning on the same batches (the baseline script, dynamic padding), for step time, memory and FLOPs
+  side by side.
 
 Per arm: samples/s, real (non-pad) and padded tokens/s, padding fraction (per training batch, as the model
 saw it), step time p50/p90 (the first 2 steps and steps whose interval holds an evaluation or a checkpoint
@@ -53,7 +55,8 @@ RECIPES = {
     "token_cls": REPO / "recipes" / "token_cls_lora.toml",
     "qa": REPO / "recipes" / "qa_lora.toml",
 }
-BASELINE_ARMS = ("baseline_max_length", "baseline_dynamic", "lora_steps", "full_steps")
+BASELINE_ARMS = ("baseline_max_length", "baseline_dynamic", "lora_steps", "fused_lora_steps", "full_steps")
+PROBE_ARMS = ("lora_steps", "fused_lora_steps", "full_steps")
 WARMUP_STEPS = 2
 
 
@@ -312,8 +315,10 @@ def baseline_argv(args: argparse.Namespace) -> list[str]:
         argv.append("--bf16")
     if args.arm != "baseline_max_length":
         argv.append("--dynamic-padding")
-    if args.arm in ("lora_steps", "full_steps"):
+    if args.arm in PROBE_ARMS:
         argv.append(f"--max-steps={args.probe_steps}")
+    if args.arm == "fused_lora_steps":
+        argv.append("--fused-lora")
     if args.arm == "full_steps":
         argv += ["--full-finetune", "--learning-rate=5e-5"]
     return argv
@@ -620,16 +625,24 @@ def report(
         f"random batches: {sampler['random_batches_padding_fraction']:.1%}"
     )
     derived["sampler_padding_fraction"] = sampler["padding_fraction"]
-    lora, full = rows.get("lora_steps"), rows.get("full_steps")
-    if lora and full:
-        step = derived["lora_full_step_ratio"] = div(lora["step_mean"], full["step_mean"])
-        flops = derived["lora_full_flop_ratio"] = div(
+    full = rows.get("full_steps")
+    for arm, name, key in (
+        ("lora_steps", "LoRA (peft's layers)", "lora_full"),
+        ("fused_lora_steps", "LoRA (fused path)", "fused_lora_full"),
+    ):
+        lora = rows.get(arm)
+        if not (lora and full):
+            continue
+        step = derived[f"{key}_step_ratio"] = div(lora["step_mean"], full["step_mean"])
+        flops = derived[f"{key}_flop_ratio"] = div(
             lora["executed_flops_per_step"], full["executed_flops_per_step"]
         )
+        derived[f"{key}_rss_ratio"] = div(lora["peak_rss_mib"], full["peak_rss_mib"])
         print(
-            f"\nLoRA vs full fine-tuning, same {lora['counted_steps']} batches: step "
+            f"\n{name} vs full fine-tuning, same {lora['counted_steps']} batches: step "
             f"{fmt(lora['step_mean'], '.3f')} s vs {fmt(full['step_mean'], '.3f')} s "
-            f"(ratio {fmt(step, '.2f')}; FLOPs ratio {fmt(flops, '.2f')}: 4·N vs 6·N: 0.67); peak RSS "
+            f"(ratio {fmt(step, '.2f')}, target ≤ 0.80: {verdict(step, 0.80)}; FLOPs ratio "
+            f"{fmt(flops, '.2f')}: 4·N vs 6·N: 0.67); peak RSS "
             f"{lora['peak_rss_mib']:.0f} vs {full['peak_rss_mib']:.0f} MiB; MFU "
             f"{fmt(div(lora['useful_flops_per_s'], top), '.1%')} vs "
             f"{fmt(div(full['useful_flops_per_s'], top), '.1%')}"

@@ -90,6 +90,9 @@ KEY_EFFECT_TESTS: dict[str, str] = {
     "train.max_train_minutes": (
         "tests/integration/test_time_budget.py::test_time_budget_stops_training_then_evaluates_and_saves"
     ),
+    "train.fused_lora": (
+        "tests/integration/test_fused_lora.py::test_fused_path_is_the_same_run_as_peft_layers"
+    ),
     # [sweep]
     "sweep.metric": _SWEEP,
     "sweep.direction": _SWEEP,

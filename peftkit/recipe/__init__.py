@@ -151,6 +151,8 @@ TRAIN_OWN_KEYS: dict[str, str] = {
     "(per finetune process; a resumed run gets the budget again)",
     "resume": '"auto" continues the run in output_dir from its newest complete checkpoint (as --resume '
     'does); "never" (the default) refuses an existing run directory',
+    "fused_lora": "true (the default) trains plain LoRA linears with peftkit's fused autograd path (the same "
+    "run as peft's layers, no dropout copies saved); false keeps peft's own layers (docs/memory.md)",
 }
 # TrainingArguments keys transformers 5 removed, with their replacement
 TRAIN_REMOVED_KEYS: dict[str, str] = {
@@ -680,6 +682,7 @@ def _check_own_train_key(key: str, value: Any) -> str:
         "early_stopping_threshold": float,
         "max_train_minutes": float,
         "resume": Literal["auto", "never"],
+        "fused_lora": bool,
     }
     error = check_value(value, expected[key])
     if not error and key == "early_stopping_patience" and value < 1:

@@ -138,9 +138,15 @@ def test_saved_activation_count_hand_computed() -> None:
         h, i, heads, seq, adapted=roles, lora_dropout=False, full_finetuning=False, **common
     )
     assert no_dropout == frozen + 3 * h + i + 6 * r  # each distinct input once
+    fused, fused_tmp = layer_activation_floats(
+        h, i, heads, seq, adapted=roles, lora_dropout=True, full_finetuning=False, fused_lora=True, **common
+    )
+    assert fused == no_dropout  # the fused path keeps each distinct input once and A·x, no mask or copy
+    # inputs saved, no B·A·x/scaled/sum copies of the output, a mask and an int32 draw per input
+    assert fused_tmp == lora_tmp - (3 * h + i) - 3 * (5 * h + i) + 2 * (5 * h + i)
 
 
-@pytest.mark.parametrize("case", ["full", "lora", "lora_no_dropout", "lora_qv"])
+@pytest.mark.parametrize("case", ["full", "lora", "lora_no_dropout", "lora_qv", "fused", "fused_qv"])
 def test_saved_count_matches_what_autograd_saves(case: str) -> None:
     """The per-layer count equals the bytes autograd really saves in a BERT layer (parameters excluded)."""
     import torch
@@ -157,9 +163,13 @@ def test_saved_count_matches_what_autograd_saves(case: str) -> None:
     model = BertForSequenceClassification(config)
     dropout = 0.0 if case == "lora_no_dropout" else 0.1
     if case != "full":
-        targets = ["query", "value"] if case == "lora_qv" else ["query", "key", "value", "dense"]
+        targets = ["query", "value"] if case.endswith("_qv") else ["query", "key", "value", "dense"]
         lora = LoraConfig(r=4, lora_dropout=dropout, target_modules=targets, task_type="SEQ_CLS")
         model = get_peft_model(model, lora)
+        if case.startswith("fused"):
+            from peftkit import fused_lora
+
+            assert fused_lora.install(model).fused
     layer = next(m for name, m in model.named_modules() if name.endswith("encoder.layer.1"))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     inside, saved = [False], {}
@@ -187,6 +197,7 @@ def test_saved_count_matches_what_autograd_saves(case: str) -> None:
         rank=4,
         lora_dropout=dropout > 0,
         full_finetuning=case == "full",
+        fused_lora=case.startswith("fused"),
     )
     assert sum(saved.values()) == 4 * batch * seq * expected
 

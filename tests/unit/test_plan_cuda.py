@@ -12,7 +12,9 @@ from tests.conftest import invoke_cli
 H, INTER, HEADS, KV, BATCH, SEQ, RANK = 64, 128, 4, 2, 2, 12, 4
 
 
-def saved_bytes_per_token(dropout: float, targets: str | list[str]) -> tuple[float, object]:
+def saved_bytes_per_token(
+    dropout: float, targets: str | list[str], fused: bool = False
+) -> tuple[float, object]:
     """Bytes autograd saves per token in layer 1 of a tiny Llama + LoRA, in bf16 autocast, flash SDPA.
 
     How the CUDA path is matched on CPU: the base weights are bf16 and the LoRA weights fp32 (as peft keeps
@@ -41,6 +43,10 @@ def saved_bytes_per_token(dropout: float, targets: str | list[str]) -> tuple[flo
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     lora = LoraConfig(r=RANK, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
+    if fused:  # peftkit's fused LoRA path, as finetune installs it
+        from peftkit import fused_lora
+
+        assert fused_lora.install(model).fused
     assert next(p for n, p in model.named_parameters() if "lora_A" in n).dtype == torch.float32
     layer = next(m for name, m in model.named_modules() if name.endswith("layers.1"))
     params = {p.untyped_storage().data_ptr(): tuple(p.shape) for p in model.parameters()}
@@ -78,13 +84,22 @@ def saved_bytes_per_token(dropout: float, targets: str | list[str]) -> tuple[flo
 
 
 @pytest.mark.parametrize(
-    ("dropout", "targets"),
-    [(0.1, "all-linear"), (0.0, "all-linear"), (0.1, ["q_proj", "v_proj"]), (0.0, ["down_proj"])],
+    ("dropout", "targets", "fused"),
+    [
+        (0.1, "all-linear", False),
+        (0.0, "all-linear", False),
+        (0.1, ["q_proj", "v_proj"], False),
+        (0.0, ["down_proj"], False),
+        (0.1, "all-linear", True),
+        (0.1, ["q_proj", "v_proj"], True),
+    ],
 )
-def test_cuda_layer_count_matches_what_autograd_saves(dropout: float, targets: str | list[str]) -> None:
+def test_cuda_layer_count_matches_what_autograd_saves(
+    dropout: float, targets: str | list[str], fused: bool
+) -> None:
     from peftkit.plan import cuda_layer_saved_bytes
 
-    measured, roles = saved_bytes_per_token(dropout, targets)
+    measured, roles = saved_bytes_per_token(dropout, targets, fused)
     expected = cuda_layer_saved_bytes(
         H,
         INTER,
@@ -98,6 +113,7 @@ def test_cuda_layer_count_matches_what_autograd_saves(dropout: float, targets: s
         adapted=roles or (),  # type: ignore[arg-type]
         rank=RANK,
         lora_dropout=dropout > 0,
+        fused_lora=fused,
     )
     assert measured == expected
 
