@@ -50,15 +50,20 @@ def finetune(
     return run_finetune(as_recipe(recipe, overrides), overwrite=overwrite, resume=resume, callbacks=callbacks)
 
 
-def evaluate(run_dir: RunDir, split: str = "test") -> dict[str, float]:
-    """``peftkit evaluate``: a trained run's metrics on a split of its recipe's data."""
+def evaluate(run_dir: RunDir, split: str = "test", *, trust_remote_code: bool = False) -> dict[str, float]:
+    """``peftkit evaluate``: a trained run's metrics on a split of its recipe's data.
+
+    ``trust_remote_code``: honour ``model.trust_remote_code = true`` recorded in the run (refused without)."""
     from peftkit.evaluation import evaluate_run
 
-    return evaluate_run(run_dir, split)
+    return evaluate_run(run_dir, split, trust_remote_code=trust_remote_code)
 
 
 def predict(
-    run_dir: RunDir, records: Sequence[dict[str, Any]] | str | os.PathLike[str]
+    run_dir: RunDir,
+    records: Sequence[dict[str, Any]] | str | os.PathLike[str],
+    *,
+    trust_remote_code: bool = False,
 ) -> list[dict[str, Any]]:
     """``peftkit predict``: one result per record (a list of dicts, or a JSONL/JSON/CSV/text file).
 
@@ -68,7 +73,7 @@ def predict(
     from peftkit.runs import load_run
 
     rows = read_records(Path(records)) if isinstance(records, (str, os.PathLike)) else list(records)
-    loaded = load_run(run_dir)
+    loaded = load_run(run_dir, trust_remote_code=trust_remote_code)
     rows = rename_records(rows, loaded.recipe.data.columns)
     return list(loaded.task.predict(loaded.model, loaded.ctx, rows))
 

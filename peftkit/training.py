@@ -94,6 +94,15 @@ def finetune(
         if run.checkpoint is not None:
             metrics["resumed_from"] = str(run.checkpoint)
         # save: every rank joins (under ZeRO-3 save_model gathers the adapter's shards); rank 0 writes
-        save_trained_model(trainer, run.dir, task.best_metric(recipe.task)[0], main=run.main)
-        run.complete(task.name, ctx.labels, metrics, trainer.state.log_history, data_fingerprints(raw))
+        saved = save_trained_model(trainer, run.dir, task.best_metric(recipe.task)[0], main=run.main)
+        # SHA-256 of what was saved and the base model's fingerprint: checked by every command loading the run
+        integrity = run.main_only(runs.integrity_record, run.dir, saved, recipe.model)
+        run.complete(
+            task.name,
+            ctx.labels,
+            metrics,
+            trainer.state.log_history,
+            data_fingerprints(raw),
+            integrity=integrity,
+        )
     return RunResult(run_dir=run.dir, metrics=metrics)
