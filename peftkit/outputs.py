@@ -19,6 +19,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -47,6 +48,7 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+RUST_OS_ERROR = re.compile(r"Os \{ code: (\d+)|\(os error (\d+)\)")
 RESERVE = ".peftkit-reserve"
 RESERVE_BYTES = 256 * 1024  # room for a failed run's record when the disk filled up
 
@@ -55,16 +57,18 @@ def storage_error(exc: BaseException, path: Path | None = None) -> StorageError 
     """One message for an OS error while writing or reading (disk full, read-only, permissions), naming
     the path; None when ``exc`` is no such error. safetensors reports its I/O errors as SafetensorError
     with the OS error in the text and no path, so ``path`` names where it was writing."""
+    code: int | None
     if isinstance(exc, OSError):
-        where = exc.filename or path or "a file"
-        cause = exc.strerror or str(exc)
-    elif type(exc).__name__ == "SafetensorError" and "Os {" in str(exc):
-        where = path or "a safetensors file"
-        text = str(exc)
-        cause = text.split('message: "', 1)[1].split('"', 1)[0] if 'message: "' in text else text
+        where, code, cause = exc.filename or path or "a file", exc.errno, exc.strerror or str(exc)
     else:
-        return None
-    full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "space" in cause.lower()
+        # Rust's I/O errors, as safetensors (SafetensorError "... Os { code: 28, ... }") and tokenizers
+        # (Exception "No space left on device (os error 28)") raise them: no path, the OS error in the text
+        match = RUST_OS_ERROR.search(str(exc))
+        if match is None:
+            return None
+        code = int(match.group(1) or match.group(2))
+        where, cause = path or "a file", os.strerror(code)
+    full = code in (errno.ENOSPC, errno.EDQUOT)
     fix = (
         "free space there (or choose another output folder) and run the command again"
         + ("; a run continues with --resume" if full else "")
