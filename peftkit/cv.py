@@ -102,7 +102,12 @@ def run_cv(
     with output_lock(cv_dir):  # one live writer per cv folder
         if overwrite and cv_dir.exists():
             # only a folder a cv wrote (a summary, or a first fold's run record) is replaced
-            check_output_dir(cv_dir, True, markers=(CV_SUMMARY, f"fold-1/{runs.RUN_META}"))
+            check_output_dir(
+                cv_dir,
+                True,
+                markers=(CV_SUMMARY, f"fold-1/{runs.RUN_META}"),
+                inputs=runs.recipe_inputs(recipe),
+            )
             shutil.rmtree(cv_dir)
         cv_dir.mkdir(parents=True, exist_ok=True)
         fold_dirs: list[Path] = []

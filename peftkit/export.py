@@ -24,7 +24,7 @@ from typing import Any
 from peftkit import runs
 from peftkit.card import append_onnx_section
 from peftkit.errors import ExportError
-from peftkit.outputs import check_output_dir, output_lock, staged_output
+from peftkit.outputs import check_output_dir, output_lock, staged_output, writing
 from peftkit.parity import DEFAULT_SAMPLES, FP32_TOLERANCE
 
 logger = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ def export_bundle(
         options["trust_remote_code"] = trust_remote_code
     with (
         output_lock(out_dir),
+        writing(out_dir),  # a full disk: one message naming the folder
         _bundle_stage(source_dir, out_dir, report, overwrite, options) as (stage, merged),
     ):
         onnx_report = _export_onnx(stage, recipe, merged, samples) if "onnx" in chosen else None

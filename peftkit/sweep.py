@@ -125,7 +125,9 @@ def run_sweep(
     sweep_dir = sweep_dir.resolve()
     with output_lock(sweep_dir):  # one live writer per sweep folder
         if overwrite and sweep_dir.exists():
-            check_output_dir(sweep_dir, True, markers=(SWEEP_RECORD, "optuna.db"))  # only a sweep's folder
+            check_output_dir(
+                sweep_dir, True, markers=(SWEEP_RECORD, "optuna.db"), inputs=runs.recipe_inputs(recipe)
+            )  # only a sweep's folder
             shutil.rmtree(sweep_dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         record = {

@@ -158,7 +158,10 @@ def test_disk_full_during_finetune_is_one_message_and_failed(tiny_bert_dir: Path
 
 
 @pytest.mark.hostile("clear_error")
-def test_disk_full_simulated_merge(small_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("name", ["merge", "export"])
+def test_disk_full_simulated_merge_and_export(
+    small_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
     """ENOSPC raised by the merged model's writer (simulated in-process: the error a full disk gives)."""
     import errno
 
@@ -168,9 +171,30 @@ def test_disk_full_simulated_merge(small_run: Path, tmp_path: Path, monkeypatch:
         raise OSError(errno.ENOSPC, "No space left on device", str(Path(folder) / "model.safetensors"))
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
-    out = tmp_path / "merged"
-    result = invoke_cli("merge", str(small_run), "--out", str(out), "--samples", "4")
+    out = tmp_path / "out"
+    result = invoke_cli(name, str(small_run), "--out", str(out), "--samples", "4")
     assert_clear_error(result, "No space left on device", "model.safetensors", "free space")
+    assert not out.exists()
+
+
+@pytest.mark.hostile("clear_error")
+def test_disk_full_simulated_predict(
+    small_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that fails with ENOSPC and no file name (as a full disk does mid-write, simulated by
+    failing fsync): the message names the output file."""
+    import errno
+
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('{"text": "hello"}\n')
+    out = tmp_path / "preds.jsonl"
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    result = invoke_cli("predict", str(small_run), "--input", str(texts), "--output", str(out))
+    assert_clear_error(result, "No space left on device", str(out))
     assert not out.exists()
 
 
