@@ -242,11 +242,12 @@ def write_completed_run(
 
 
 def integrity_record(folder: Path, files: Any, model: Any) -> dict[str, Any]:
-    """The run record's ``integrity``: SHA-256 of the artefacts ``files`` (under ``folder``; plots are not
-    loaded and are left out) and the fingerprint of the base model of the recipe's [model] ``model``."""
+    """The run record's ``integrity``: SHA-256 of the artefacts ``files`` (under ``folder``; plots and the
+    README.md card are left out) and the fingerprint of the base model of the recipe's [model] ``model``."""
     from peftkit.integrity import base_fingerprint, file_digests
 
-    artefacts = [Path(p) for p in files if Path(p).relative_to(folder).parts[0] != "plots"]
+    # plots and the model card are for people, not loaded (and a card may be rewritten later)
+    artefacts = [Path(p) for p in files if Path(p).relative_to(folder).parts[0] not in ("plots", MODEL_CARD)]
     return {
         "files": file_digests(folder, artefacts),
         "base_model": base_fingerprint(model.name_or_path, model.revision, model.gguf_file),
@@ -883,6 +884,10 @@ def write_combined_records(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "wall_time_s": round(wall_time_s, 2),
         "error": None,
+        # what predict/evaluate/merge/export check before using it, as for a trained run
+        "integrity": integrity_record(
+            folder, [p for p in folder.iterdir() if p.is_file() and p.name != RUN_META], recipe.model
+        ),
     }
     write_json_atomic(folder / RUN_META, meta)
     return meta
