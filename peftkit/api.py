@@ -49,11 +49,13 @@ def finetune(
     return run_finetune(as_recipe(recipe, overrides), overwrite=overwrite, resume=resume, callbacks=callbacks)
 
 
-def evaluate(run_dir: RunDir, split: str = "test") -> dict[str, float]:
-    """``peftkit evaluate``: a trained run's metrics on a split of its recipe's data."""
+def evaluate(run_dir: RunDir, split: str = "test", *, trust_remote_code: bool = False) -> dict[str, float]:
+    """``peftkit evaluate``: a trained run's metrics on a split of its recipe's data.
+
+    ``trust_remote_code``: honour ``model.trust_remote_code = true`` recorded in the run (refused without)."""
     from peftkit.evaluation import evaluate_run
 
-    return evaluate_run(run_dir, split)
+    return evaluate_run(run_dir, split, trust_remote_code=trust_remote_code)
 
 
 def predict(
@@ -64,6 +66,7 @@ def predict(
     batch_size: int | None = None,
     keep_columns: Sequence[str] = (),
     columns: dict[str, str] | None = None,
+    trust_remote_code: bool = False,
 ) -> list[dict[str, Any]]:
     """``peftkit predict``: one result per record (a list of dicts, or a JSONL/JSON/CSV/text file).
 
@@ -83,7 +86,7 @@ def predict(
     keep = predicting.parse_keep(keep_columns)
     rows = predicting.task_records(resolved, given, columns)
     predicting.check_input(resolved, given, rows, keep, columns)
-    task, ctx, model = predicting.load_predictor(resolved)
+    task, ctx, model = predicting.load_predictor(resolved, trust_remote_code=trust_remote_code)
     originals = [record for _, record in given.records]
     return predicting.predict_records(task, ctx, model, rows, originals, keep, batch_size)
 

@@ -20,6 +20,10 @@ import click
 F = TypeVar("F", bound=Callable[..., Any])
 
 SET_HELP = "Override a recipe value: table.key=value (TOML syntax; repeatable)."
+TRUST_HELP = (
+    "Honour model.trust_remote_code = true recorded in the run (runs code shipped with its model); "
+    "a received run cannot switch it on by itself."
+)
 
 
 NOISY_LOGGERS = (
@@ -85,6 +89,14 @@ def user_errors(func: F) -> F:
         except PeftkitError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except Exception as exc:  # disk full, read-only folder ...: one message naming the path
+            from peftkit.outputs import storage_error
+
+            error = storage_error(exc)
+            if error is None:
+                raise
+            click.echo(f"error: {error}", err=True)
+            sys.exit(error.exit_code)
 
     return wrapper  # type: ignore[return-value]
 
@@ -242,18 +254,23 @@ def _rebase_paths(text: str, old: Path, new: Path) -> str:
     type=click.Path(dir_okay=False, path_type=Path),
     help="File for --errors (default: RUN_DIR/errors_<split>.jsonl).",
 )
+@click.option("--trust-remote-code", is_flag=True, help=TRUST_HELP)
 @user_errors
-def evaluate(run_dir: Path, split: str, errors: int | None, errors_output: Path | None) -> None:
+def evaluate(
+    run_dir: Path, split: str, errors: int | None, errors_output: Path | None, trust_remote_code: bool
+) -> None:
     """Re-evaluate a run directory on a split of its recipe's data."""
     _quiet_libraries()
     from peftkit.evaluation import evaluate_run
 
-    metrics = evaluate_run(run_dir, split)
+    metrics = evaluate_run(run_dir, split, trust_remote_code=trust_remote_code)
     click.echo(f"{split}: {_format_metrics(metrics)}")
     if errors is not None:
         from peftkit.error_analysis import worst_examples
 
-        path, worst = worst_examples(run_dir, split, errors, errors_output)
+        path, worst = worst_examples(
+            run_dir, split, errors, errors_output, trust_remote_code=trust_remote_code
+        )
         click.echo(f"wrote the {len(worst)} worst {split} examples to {path}")
 
 
@@ -374,6 +391,7 @@ def compare(run_dirs: tuple[Path, ...], split: str | None, output: Path | None, 
     "--batch-size", type=click.IntRange(min=1), help="Records per forward pass (default: the task's)."
 )
 @click.option("--checkpoint", help="Predict with a checkpoint of the run: best, last or checkpoint-N.")
+@click.option("--trust-remote-code", is_flag=True, help=TRUST_HELP)
 @user_errors
 def predict(
     source: Path,
@@ -384,6 +402,7 @@ def predict(
     columns: tuple[str, ...],
     batch_size: int | None,
     checkpoint: str | None,
+    trust_remote_code: bool,
 ) -> None:
     """Predict records with a run directory, one of its checkpoints, or a merged model folder.
 
@@ -405,7 +424,7 @@ def predict(
     _quiet_libraries()
     from peftkit.runs import write_jsonl_atomic
 
-    task, ctx, model = predicting.load_predictor(resolved)
+    task, ctx, model = predicting.load_predictor(resolved, trust_remote_code=trust_remote_code)
     originals = [record for _, record in given.records]
     results = predicting.predict_records(task, ctx, model, rows, originals, keep, batch_size)
     to_stdout = predicting.is_stdio(output_path)
@@ -435,6 +454,7 @@ DTYPE_CHOICE = click.Choice(["float32", "bfloat16", "float16"])
     "--tolerance", default=1e-4, show_default=True, help="Largest float32 |Δlogit| the check accepts."
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing merge/export output.")
+@click.option("--trust-remote-code", is_flag=True, help=TRUST_HELP)
 @user_errors
 def merge(
     run_dir: Path,
@@ -445,6 +465,7 @@ def merge(
     samples: int,
     tolerance: float,
     overwrite: bool,
+    trust_remote_code: bool,
 ) -> None:
     """Merge a run's adapter into its base model; check the reloaded result against the adapter."""
     _quiet_libraries()
@@ -459,6 +480,7 @@ def merge(
         overwrite=overwrite,
         samples=samples,
         tolerance=tolerance,
+        trust_remote_code=trust_remote_code,
     )
     report = result.report
     click.echo(f"\nMerged model: {result.out_dir} ({report['dtype']}, {', '.join(report['weight_files'])})")
@@ -555,6 +577,7 @@ def merge_adapters(
     "--tolerance", default=1e-4, show_default=True, help="Largest float32 |Δlogit| the merge check accepts."
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing merge/export output.")
+@click.option("--trust-remote-code", is_flag=True, help=TRUST_HELP)
 @user_errors
 def export(
     source: Path,
@@ -565,6 +588,7 @@ def export(
     samples: int,
     tolerance: float,
     overwrite: bool,
+    trust_remote_code: bool,
 ) -> None:
     """Write a deployable bundle from a run directory (merged on the way) or a merged model folder."""
     _quiet_libraries()
@@ -579,6 +603,7 @@ def export(
         overwrite=overwrite,
         samples=samples,
         tolerance=tolerance,
+        trust_remote_code=trust_remote_code,
     )
     manifest = result.manifest
     size = sum(f["bytes"] for f in manifest["files"].values()) / 2**20

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import PeftkitError
-from peftkit.outputs import check_output_dir
+from peftkit.outputs import check_output_dir, output_lock
 from peftkit.recipe import Recipe, recipe_from_dict
 
 logger = logging.getLogger(__name__)
@@ -99,46 +99,52 @@ def run_cv(
     )
 
     cv_dir = (Path(out_dir) if out_dir else cv_dir_for(recipe)).resolve()
-    if overwrite and cv_dir.exists():
-        # only a folder a cv wrote (a summary, or a first fold's run record) is replaced
-        check_output_dir(cv_dir, True, markers=(CV_SUMMARY, f"fold-1/{runs.RUN_META}"))
-        shutil.rmtree(cv_dir)
-    cv_dir.mkdir(parents=True, exist_ok=True)
-    fold_dirs: list[Path] = []
-    fold_metrics: list[dict[str, Any]] = []
-    for k, validation_rows in enumerate(held_out, start=1):
-        run_dir = cv_dir / f"fold-{k}"
-        data_dir = cv_dir / "data" / f"fold-{k}"
-        in_fold = set(validation_rows)
-        files = {
-            "train_file": _write_jsonl(
-                data_dir / "train.jsonl", [r for i, r in enumerate(records) if i not in in_fold]
-            ),
-            "validation_file": _write_jsonl(
-                data_dir / "validation.jsonl", [records[i] for i in validation_rows]
-            ),
+    with output_lock(cv_dir):  # one live writer per cv folder
+        if overwrite and cv_dir.exists():
+            # only a folder a cv wrote (a summary, or a first fold's run record) is replaced
+            check_output_dir(
+                cv_dir,
+                True,
+                markers=(CV_SUMMARY, f"fold-1/{runs.RUN_META}"),
+                inputs=runs.recipe_inputs(recipe),
+            )
+            shutil.rmtree(cv_dir)
+        cv_dir.mkdir(parents=True, exist_ok=True)
+        fold_dirs: list[Path] = []
+        fold_metrics: list[dict[str, Any]] = []
+        for k, validation_rows in enumerate(held_out, start=1):
+            run_dir = cv_dir / f"fold-{k}"
+            data_dir = cv_dir / "data" / f"fold-{k}"
+            in_fold = set(validation_rows)
+            files = {
+                "train_file": _write_jsonl(
+                    data_dir / "train.jsonl", [r for i, r in enumerate(records) if i not in in_fold]
+                ),
+                "validation_file": _write_jsonl(
+                    data_dir / "validation.jsonl", [records[i] for i in validation_rows]
+                ),
+            }
+            if test is not None:
+                files["test_file"] = _write_jsonl(data_dir / "test.jsonl", test)
+            fold_recipe = _fold_recipe(recipe, files, labels, run_dir, k)
+            done = _completed_metrics(run_dir, fold_recipe)
+            if done is not None:
+                logger.info("cv: fold %d of %d finished before; keeping %s", k, folds, run_dir)
+                metrics = done
+            else:
+                logger.info("cv: fold %d of %d (%d validation examples)", k, folds, len(validation_rows))
+                metrics = finetune(fold_recipe, overwrite=True).metrics
+            fold_dirs.append(run_dir)
+            fold_metrics.append(metrics)
+        summary = {
+            "folds": folds,
+            "stratified": stratify,
+            "recipe_source": recipe.source,
+            "fold_dirs": [str(d) for d in fold_dirs],
+            "metrics": summarize(fold_metrics),
         }
-        if test is not None:
-            files["test_file"] = _write_jsonl(data_dir / "test.jsonl", test)
-        fold_recipe = _fold_recipe(recipe, files, labels, run_dir, k)
-        done = _completed_metrics(run_dir, fold_recipe)
-        if done is not None:
-            logger.info("cv: fold %d of %d finished before; keeping %s", k, folds, run_dir)
-            metrics = done
-        else:
-            logger.info("cv: fold %d of %d (%d validation examples)", k, folds, len(validation_rows))
-            metrics = finetune(fold_recipe, overwrite=True).metrics
-        fold_dirs.append(run_dir)
-        fold_metrics.append(metrics)
-    summary = {
-        "folds": folds,
-        "stratified": stratify,
-        "recipe_source": recipe.source,
-        "fold_dirs": [str(d) for d in fold_dirs],
-        "metrics": summarize(fold_metrics),
-    }
-    runs.write_json_atomic(cv_dir / CV_SUMMARY, summary)
-    return CVResult(cv_dir=cv_dir, fold_dirs=fold_dirs, summary=summary)
+        runs.write_json_atomic(cv_dir / CV_SUMMARY, summary)
+        return CVResult(cv_dir=cv_dir, fold_dirs=fold_dirs, summary=summary)
 
 
 def _records_with_names(dataset: Any) -> list[dict[str, Any]]:

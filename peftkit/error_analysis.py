@@ -25,7 +25,12 @@ from peftkit.errors import DataError, PeftkitError
 
 
 def worst_examples(
-    run_dir: str | os.PathLike[str], split: str, count: int, output: str | os.PathLike[str] | None = None
+    run_dir: str | os.PathLike[str],
+    split: str,
+    count: int,
+    output: str | os.PathLike[str] | None = None,
+    *,
+    trust_remote_code: bool = False,
 ) -> tuple[Path, list[dict[str, Any]]]:
     """Predict ``split`` with the run, rank its examples worst first, write the first ``count`` as JSONL."""
     from peftkit import runs
@@ -34,7 +39,7 @@ def worst_examples(
 
     if count < 1:
         raise PeftkitError(f"--errors {count}: give the number of worst examples to write (at least 1)")
-    loaded = runs.load_run(run_dir)
+    loaded = runs.load_run(run_dir, trust_remote_code=trust_remote_code)
     raw = load_raw_datasets(loaded.recipe.data, loaded.task)
     if split not in raw:
         raise DataError(f"the recipe's data has no {split!r} split (it has {sorted(raw)})")

@@ -69,6 +69,18 @@ class TrainingInterrupted(PeftkitError):
         self.summary = summary
 
 
+class TrainingDiverged(PeftkitError):
+    """The loss, the gradients or the weights stopped being finite (NaN/inf); the run is marked failed."""
+
+
+class StorageError(PeftkitError):
+    """An OS error writing or reading a file (disk full, read-only, permissions): the path and the cause."""
+
+
+class OutputLocked(PeftkitError):
+    """Another live peftkit process is writing this output folder."""
+
+
 class MergeError(PeftkitError):
     """A merge cannot be done as asked (bad arguments, incompatible runs)."""
 

@@ -25,14 +25,16 @@ def evaluate_split(
     return metrics, predictions, references
 
 
-def evaluate_run(run_dir: str | os.PathLike[str], split: str = "test") -> dict[str, float]:
+def evaluate_run(
+    run_dir: str | os.PathLike[str], split: str = "test", *, trust_remote_code: bool = False
+) -> dict[str, float]:
     """Re-evaluate a saved run on one of its recipe's splits (from the run directory alone)."""
     from transformers import Trainer, TrainingArguments
 
     from peftkit.data import load_raw_datasets, tokenize_splits
     from peftkit.errors import DataError
 
-    loaded = runs.load_run(run_dir)
+    loaded = runs.load_run(run_dir, trust_remote_code=trust_remote_code)
     raw = load_raw_datasets(loaded.recipe.data, loaded.task)
     if split not in raw:
         raise DataError(f"the recipe's data has no {split!r} split (it has {sorted(raw)})")

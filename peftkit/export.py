@@ -24,7 +24,7 @@ from typing import Any
 from peftkit import runs
 from peftkit.card import append_onnx_section
 from peftkit.errors import ExportError
-from peftkit.outputs import check_output_dir, staged_output
+from peftkit.outputs import check_output_dir, output_lock, staged_output, writing
 from peftkit.parity import DEFAULT_SAMPLES, FP32_TOLERANCE
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ def export_bundle(
     overwrite: bool = False,
     samples: int = 32,
     tolerance: float | None = None,
+    trust_remote_code: bool = False,
 ) -> ExportResult:
     """A deployable bundle at ``out`` from a run directory (merged and verified first) or a merged folder.
 
@@ -78,6 +79,9 @@ def export_bundle(
         )
     report = runs.read_json(source_dir / runs.MERGE_REPORT) if merged_source else None
     recipe = _load_recipe(source_dir, report)
+    runs.refuse_recorded_remote_code(source_dir, recipe, trust_remote_code)
+    if report is not None:
+        _check_merged_integrity(source_dir, report)
     chosen = tuple(dict.fromkeys(formats or recipe.export.formats))
     for fmt in chosen:
         if fmt not in FORMATS:
@@ -91,7 +95,13 @@ def export_bundle(
         "samples": samples or DEFAULT_SAMPLES,
         "tolerance": tolerance if tolerance is not None else FP32_TOLERANCE,
     }
-    with _bundle_stage(source_dir, out_dir, report, overwrite, options) as (stage, merged):
+    if report is None:
+        options["trust_remote_code"] = trust_remote_code
+    with (
+        output_lock(out_dir),
+        writing(out_dir),  # a full disk: one message naming the folder
+        _bundle_stage(source_dir, out_dir, report, overwrite, options) as (stage, merged),
+    ):
         onnx_report = _export_onnx(stage, recipe, merged, samples) if "onnx" in chosen else None
         if "safetensors" not in chosen:
             for weights in [*stage.glob("*.safetensors"), stage / runs.SHARD_INDEX]:
@@ -126,6 +136,26 @@ def _bundle_stage(
     with staged_output(out, overwrite, markers=runs.OUTPUT_MARKERS) as stage:
         _copy_merged(source, stage, report, options["dtype"])
         yield stage, runs.read_json(stage / runs.MERGE_REPORT)
+
+
+def _check_merged_integrity(source: Path, report: Mapping[str, Any]) -> None:
+    """A merged folder's files match its merge_report.json record, and a bundle's its peftkit_export.json
+    (exit 2 naming the changed file); folders written by an older peftkit load with a warning."""
+    from peftkit.integrity import verify_files
+
+    manifest_path = source / runs.EXPORT_MANIFEST
+    if manifest_path.is_file():
+        manifest = runs.read_json_object(manifest_path, {"files": dict})
+        recorded = {
+            name: entry["sha256"]
+            for name, entry in manifest["files"].items()
+            if isinstance(entry, dict)
+            and isinstance(entry.get("sha256"), str)
+            and name != runs.EXPORT_MANIFEST
+        }
+        verify_files(source, recorded, manifest_path)  # covers every file of the bundle
+        return
+    runs.check_integrity(source, dict(report), source / runs.MERGE_REPORT, None)
 
 
 def _load_recipe(source: Path, report: Mapping[str, Any] | None) -> Any:
@@ -198,6 +228,7 @@ def _copy_merged(source: Path, stage: Path, report: Mapping[str, Any], dtype: st
     updated = dict(report)
     updated["dtype"] = dtype
     updated["recast_from"] = "float32"
+    updated["integrity"] = runs.merged_integrity(stage)
     runs.write_json_atomic(stage / runs.MERGE_REPORT, updated)
 
 

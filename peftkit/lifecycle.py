@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from peftkit import runs
 from peftkit.errors import RunDirError, TrainingInterrupted
+from peftkit.outputs import output_lock, release_reserve, reserve_space
 from peftkit.recipe import Recipe
 
 logger = logging.getLogger(__name__)
@@ -62,10 +63,18 @@ class Run:
             raise interrupted(self.recipe, self.dir, self.stop.signum, trainer.state)
 
     def complete(
-        self, task_name: str, labels: Any, metrics: dict[str, Any], log_history: Any, data: dict[str, Any]
+        self,
+        task_name: str,
+        labels: Any,
+        metrics: dict[str, Any],
+        log_history: Any,
+        data: dict[str, Any],
+        integrity: dict[str, Any] | None = None,
     ) -> None:
         """Write the run's final records and status ``completed`` (rank 0), then wait for every rank."""
-        self.main_only(runs.write_completed_run, self.dir, task_name, labels, metrics, log_history, data)
+        self.main_only(
+            runs.write_completed_run, self.dir, task_name, labels, metrics, log_history, data, integrity
+        )
         if self.world_size > 1:
             import torch.distributed as dist
 
@@ -89,12 +98,33 @@ def run_lifecycle(recipe: Recipe, launch_args: Any, *, overwrite: bool, resume: 
         deepspeed.init_distributed()  # zero.Init (ZeRO-3 loads weights partitioned) needs DeepSpeed's group
     run = Run(recipe, recipe.output_dir.resolve(), runs.is_main_process(), world_size)
     resume = resume or recipe.train.get("resume") == "auto"
-    run.main_only(runs.prepare_run_dir, run.dir, overwrite=overwrite, resume=resume)
+    with contextlib.ExitStack() as lock:
+        if run.main:  # one live writer per run directory (rank 0 writes it)
+            lock.enter_context(output_lock(run.dir))
+        with _recorded(recipe, run, overwrite=overwrite, resume=resume):
+            yield run
+
+
+@contextlib.contextmanager
+def _recorded(recipe: Recipe, run: Run, *, overwrite: bool, resume: bool) -> Iterator[Run]:
+    """The run directory prepared, its status recorded, signals handled (the body of run_lifecycle)."""
+    run.main_only(
+        runs.prepare_run_dir, run.dir, overwrite=overwrite, resume=resume, inputs=runs.recipe_inputs(recipe)
+    )
     if resume:
         run.checkpoint = resume_checkpoint(recipe, run.dir, run.main)
     else:
         run.main_only(runs.write_started_run, run.dir, recipe)
+    run.main_only(reserve_space, run.dir)
+    try:
+        with _signals_recorded(recipe, run):
+            yield run
+    finally:
+        run.main_only(release_reserve, run.dir)
 
+
+@contextlib.contextmanager
+def _signals_recorded(recipe: Recipe, run: Run) -> Iterator[Run]:
     with stop_requests() as stop:
         run.stop = stop
         try:
@@ -143,6 +173,8 @@ def resume_checkpoint(recipe: Recipe, run_dir: Path, main: bool) -> Path | None:
             f"{run_dir}: the run is completed and has no checkpoint left to resume from; "
             "use --overwrite to train it again"
         )
+    if main and checkpoint is not None:
+        refuse_unsigned_deepspeed(checkpoint)
     if main:
         if checkpoint is None and previous is None:
             logger.info("resume: no run in %s yet, starting from the beginning", run_dir)
@@ -166,6 +198,20 @@ def resume_checkpoint(recipe: Recipe, run_dir: Path, main: bool) -> Path | None:
     return checkpoint
 
 
+def refuse_unsigned_deepspeed(checkpoint: Path) -> None:
+    """DeepSpeed's checkpoint engine unpickles a checkpoint's ``global_step*`` files (``torch.load`` with
+    ``weights_only=False``), which can run code: resume only from one this machine's peftkit saved."""
+    from peftkit.integrity import checkpoint_signature_problem
+
+    problem = checkpoint_signature_problem(checkpoint)
+    if problem:
+        raise RunDirError(
+            f"{checkpoint}: refused: DeepSpeed would load its global_step* files with pickle, which can run "
+            f"arbitrary code, and {problem}. Resume only runs this machine's peftkit saved; else start over "
+            "with --overwrite (or set another train.output_dir)"
+        )
+
+
 def interrupted(recipe: Recipe, run_dir: Path, signum: int, state: Any) -> TrainingInterrupted:
     """The error that ends an interrupted run: where it stopped, its checkpoint, and how to resume."""
     name = signal.Signals(signum).name
@@ -180,8 +226,18 @@ def interrupted(recipe: Recipe, run_dir: Path, signum: int, state: Any) -> Train
 
 
 def _record_stop(run: Run, status: str, error: str) -> None:
-    if run.main and (run.dir / runs.RUN_META).exists():
-        runs.update_meta(run.dir, status=status, error=error, traceback=traceback.format_exc())
+    if not (run.main and (run.dir / runs.RUN_META).exists()):
+        return
+    fields = {"status": status, "error": error, "traceback": traceback.format_exc()}
+    try:
+        runs.update_meta(run.dir, **fields)
+    except OSError:  # the disk is full: free the space reserved for this record, and write it small
+        release_reserve(run.dir)
+        fields["traceback"] = fields["traceback"][-2000:]
+        try:
+            runs.update_meta(run.dir, **fields)
+        except OSError as exc:
+            logger.error("could not record status %r in %s: %s", status, run.dir / runs.RUN_META, exc)
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from peftkit import runs
 from peftkit.adapters import METHODS
 from peftkit.errors import MergeError, MergeVerificationError, RunDirError
 from peftkit.modeling import drop_gguf_marker
-from peftkit.outputs import check_output_dir, staged_output
+from peftkit.outputs import check_output_dir, output_lock, staged_output, writing
 from peftkit.parity import (
     DEFAULT_SAMPLES,
     FP32_TOLERANCE,
@@ -144,6 +144,7 @@ def merge_run(
     overwrite: bool = False,
     samples: int = DEFAULT_SAMPLES,
     tolerance: float = FP32_TOLERANCE,
+    trust_remote_code: bool = False,
 ) -> MergeResult:
     """Merge a run's adapter into its base model and save the full model at ``out``, verified.
 
@@ -162,6 +163,7 @@ def merge_run(
         max_shard_size=max_shard_size,
         samples=samples,
         tolerance=tolerance,
+        trust_remote_code=trust_remote_code,
     ) as (_, report):
         pass
     report["out_dir"] = str(out_dir.resolve())
@@ -185,10 +187,11 @@ def staged_merge(
     ``options`` go to :func:`write_merged`.
     """
     run_dir, adapter_dir = resolve_adapter(source, checkpoint)
-    check_output_dir(out, overwrite, markers=runs.OUTPUT_MARKERS, inputs=[*inputs, run_dir])
-    runs.check_complete(run_dir, adapter_dir)  # before any model is loaded
-    with staged_output(out, overwrite, markers=runs.OUTPUT_MARKERS) as stage:
-        yield stage, write_merged(run_dir, adapter_dir, stage, **options)
+    with output_lock(out):  # one live writer per output folder
+        check_output_dir(out, overwrite, markers=runs.OUTPUT_MARKERS, inputs=[*inputs, run_dir])
+        runs.check_complete(run_dir, adapter_dir)  # before any model is loaded
+        with staged_output(out, overwrite, markers=runs.OUTPUT_MARKERS) as stage:
+            yield stage, write_merged(run_dir, adapter_dir, stage, **options)
 
 
 def write_merged(
@@ -200,6 +203,7 @@ def write_merged(
     max_shard_size: str | None = None,
     samples: int = DEFAULT_SAMPLES,
     tolerance: float = FP32_TOLERANCE,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Merge into ``folder`` (an empty staging folder) and verify; returns the merge report.
 
@@ -217,7 +221,7 @@ def write_merged(
     timings: dict[str, float] = {}
     started = time.perf_counter()
     # merging is exact only in full precision; a half-precision file is cast from the float32 merge at the end
-    loaded = runs.load_run(run_dir, adapter_dir, dtype="float32")
+    loaded = runs.load_run(run_dir, adapter_dir, dtype="float32", trust_remote_code=trust_remote_code)
     recipe, task, ctx = loaded.recipe, loaded.task, loaded.ctx
     dtype = dtype or recipe.export.dtype
     max_shard_size = max_shard_size or recipe.export.max_shard_size
@@ -255,8 +259,9 @@ def write_merged(
         merged = merged.to(getattr(torch, dtype))
 
     mark = time.perf_counter()
-    merged.save_pretrained(str(folder), max_shard_size=max_shard_size)
-    ctx.tokenizer.save_pretrained(str(folder))
+    with writing(folder):  # a full disk: one message naming the folder
+        merged.save_pretrained(str(folder), max_shard_size=max_shard_size)
+        ctx.tokenizer.save_pretrained(str(folder))
     runs.write_labels(folder, task.name, ctx.labels)
     model_class = task.model_class(ctx.model_config)
     del merged
@@ -277,6 +282,7 @@ def write_merged(
     report["adapter"]["modules_to_save"] = sorted({m for m in saved_heads if m in module_names}) or None
     report["timing_s"] = {k: round(v, 3) for k, v in timings.items()}
     report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    report["integrity"] = runs.merged_integrity(folder)  # checked when export reads the folder
     runs.write_json_atomic(folder / runs.MERGE_REPORT, report)
     write_model_card(folder, report, recipe.to_dict(), _read_metrics(run_dir), loaded.meta)
     failed = [check for check in checks if not check["passed"]]

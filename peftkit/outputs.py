@@ -15,8 +15,11 @@ same two rules:
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -24,7 +27,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from peftkit.errors import OutputError, RunDirError
+from peftkit.errors import OutputError, OutputLocked, RunDirError, StorageError
+
+_held_locks: dict[Path, tuple[int, int]] = {}  # lock file → (fd, depth): nested holds in one process
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -37,10 +42,69 @@ def write_text_atomic(path: Path, text: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:  # a failed write names no file: name it
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
+
+
+RUST_OS_ERROR = re.compile(r"Os \{ code: (\d+)|\(os error (\d+)\)")
+RESERVE = ".peftkit-reserve"
+RESERVE_BYTES = 256 * 1024  # room for a failed run's record when the disk filled up
+
+
+def storage_error(exc: BaseException, path: Path | None = None) -> StorageError | None:
+    """One message for an OS error while writing or reading (disk full, read-only, permissions), naming
+    the path; None when ``exc`` is no such error. safetensors reports its I/O errors as SafetensorError
+    with the OS error in the text and no path, so ``path`` names where it was writing."""
+    code: int | None
+    if isinstance(exc, OSError):
+        where, code, cause = exc.filename or path or "a file", exc.errno, exc.strerror or str(exc)
+    else:
+        # Rust's I/O errors, as safetensors (SafetensorError "... Os { code: 28, ... }") and tokenizers
+        # (Exception "No space left on device (os error 28)") raise them: no path, the OS error in the text
+        match = RUST_OS_ERROR.search(str(exc))
+        if match is None:
+            return None
+        code = int(match.group(1) or match.group(2))
+        where, cause = path or "a file", os.strerror(code)
+    full = code in (errno.ENOSPC, errno.EDQUOT)
+    fix = (
+        "free space there (or choose another output folder) and run the command again"
+        + ("; a run continues with --resume" if full else "")
+        if full
+        else "check that the path exists and is writable, then run the command again"
+    )
+    return StorageError(f"{where}: {cause}; {fix}")
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn an OS error (disk full ...) raised while writing under ``path`` into one StorageError."""
+    try:
+        yield
+    except Exception as exc:
+        error = storage_error(exc, path)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def reserve_space(folder: Path) -> None:
+    """Hold :data:`RESERVE_BYTES` of real (not sparse) bytes in ``folder``: freed by
+    :func:`release_reserve` when the disk fills up, so that a run's ``failed`` status can still be written.
+    """
+    with contextlib.suppress(OSError), (folder / RESERVE).open("wb") as handle:
+        handle.write(b"\0" * RESERVE_BYTES)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def release_reserve(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        (folder / RESERVE).unlink()
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -49,6 +113,59 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def lock_path(out: Path) -> Path:
+    """The lock file of an output folder: beside it, so that replacing the folder (``--overwrite``, the
+    rename of a staged output) never removes the lock another process is waiting on."""
+    target = out.resolve()
+    return target.parent / f".{target.name}.peftkit.lock"
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """One live writer per output folder: an exclusive ``flock`` on :func:`lock_path` held for the block.
+
+    A second writer (another process) gets an :class:`OutputLocked` naming the folder and the holder's pid.
+    The lock dies with its process, so a killed run leaves nothing to clean up (the lock file itself stays,
+    empty of meaning). Nested holds of one folder in one process (export merging into its bundle) are fine.
+    """
+    path = lock_path(out)
+    if path in _held_locks:
+        fd, depth = _held_locks[path]
+        _held_locks[path] = (fd, depth + 1)
+        try:
+            yield
+        finally:
+            fd, depth = _held_locks[path]
+            _held_locks[path] = (fd, depth - 1)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        try:
+            holder = path.read_text().strip() or "unknown"
+        except OSError:
+            holder = "unknown"
+        raise OutputLocked(
+            f"{out}: another peftkit process (pid {holder}) is writing this folder now (it holds {path}); "
+            "wait for it to finish or stop it, or choose another output folder. Nothing was changed"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _held_locks[path] = (fd, 1)
+        yield
+    finally:
+        _held_locks.pop(path, None)
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)  # releases the flock
 
 
 def check_output_dir(
@@ -68,6 +185,13 @@ def check_output_dir(
     refusal of an existing output.
     """
     target = out.resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise OutputError(
+            f"{option} {out}: that is the working directory {cwd}"
+            + (" or a folder above it" if target != cwd else "")
+            + "; an output there would replace it. Choose a folder inside it, e.g. runs/<name>"
+        )
     for folder in inputs:
         source = folder.resolve()
         if target == source or target in source.parents:

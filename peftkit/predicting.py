@@ -93,11 +93,13 @@ def _merged_source(folder: Path) -> PredictSource:
     return PredictSource(folder=folder, kind="merged model", recipe=recipe, labels=labels)
 
 
-def load_predictor(source: PredictSource) -> tuple[Any, Any, Any]:
-    """(task, ctx, model) in eval mode: a run's (or checkpoint's) adapter on its base, or the merged model."""
+def load_predictor(source: PredictSource, *, trust_remote_code: bool = False) -> tuple[Any, Any, Any]:
+    """(task, ctx, model) in eval mode: a run's (or checkpoint's) adapter on its base, or the merged model.
+    ``trust_remote_code``: the user's own ``--trust-remote-code`` (a run's recorded one is not honoured
+    alone; a merged folder's is always off)."""
     if source.kind != "merged model":
         assert source.run_dir is not None
-        loaded = runs.load_run(source.run_dir, source.adapter_dir)
+        loaded = runs.load_run(source.run_dir, source.adapter_dir, trust_remote_code=trust_remote_code)
         return loaded.task, loaded.ctx, loaded.model
     import torch
     from transformers import AutoConfig

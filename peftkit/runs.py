@@ -121,13 +121,28 @@ def staging_dir(run_dir: Path) -> contextlib.AbstractContextManager[Path]:
     return staging_folder(run_dir / STAGING)
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to clobber an existing run unless asked; ``--overwrite`` removes it first."""
+def recipe_inputs(recipe: Recipe) -> list[Path]:
+    """The local files and folders a recipe reads (the recipe itself, its data, its model folders): an
+    output folder must never be one of them or hold one."""
+    data, model = recipe.data, recipe.model
+    names = [data.dataset, data.train_file, data.validation_file, data.test_file]
+    names += [model.name_or_path, model.tokenizer, model.decoder_name_or_path]
+    paths = [Path(recipe.source)] if recipe.source != "<dict>" else []
+    paths += [Path(name).expanduser() for name in names if name]
+    return [path for path in paths if path.exists()]
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool, inputs: list[Path] | None = None) -> None:
+    """Refuse to clobber an existing run unless asked; ``--overwrite`` removes it first.
+
+    ``inputs`` (:func:`recipe_inputs`): files and folders the run reads, which the run directory must not
+    be or hold."""
     if not (resume and not overwrite and run_dir.is_dir()):  # --resume continues what is there
         check_output_dir(
             run_dir,
             overwrite,
             markers=OUTPUT_MARKERS,
+            inputs=inputs or (),
             option="train.output_dir",
             exists="a run already exists there",
             hint="Use --overwrite to replace it, --resume to continue it, "
@@ -209,12 +224,87 @@ def write_completed_run(
     metrics: dict[str, Any],
     log_history: Any,
     data: dict[str, Any],
+    integrity: dict[str, Any] | None = None,
 ) -> None:
-    """labels.json, metrics.json and log_history.json, then status ``completed`` (written last)."""
+    """labels.json, metrics.json and log_history.json, then status ``completed`` (written last).
+
+    ``integrity`` (:func:`integrity_record`, without labels.json: it is hashed here, once written)."""
     write_labels(run_dir, task_name, labels)
     write_json_atomic(run_dir / METRICS, metrics)
     write_json_atomic(run_dir / "log_history.json", log_history)
-    update_meta(run_dir, status="completed", data=data, labels=list(labels or []), error=None)
+    fields: dict[str, Any] = {}
+    if integrity is not None:
+        from peftkit.integrity import file_digests
+
+        files = {**integrity.get("files", {}), **file_digests(run_dir, [run_dir / LABELS])}
+        fields["integrity"] = {**integrity, "files": files}
+    update_meta(run_dir, status="completed", data=data, labels=list(labels or []), error=None, **fields)
+
+
+def integrity_record(folder: Path, files: Any, model: Any) -> dict[str, Any]:
+    """The run record's ``integrity``: SHA-256 of the artefacts ``files`` (under ``folder``; plots and the
+    README.md card are left out) and the fingerprint of the base model of the recipe's [model] ``model``."""
+    from peftkit.integrity import base_fingerprint, file_digests
+
+    # plots and the model card are for people, not loaded (and a card may be rewritten later)
+    artefacts = [Path(p) for p in files if Path(p).relative_to(folder).parts[0] not in ("plots", MODEL_CARD)]
+    return {
+        "files": file_digests(folder, artefacts),
+        "base_model": base_fingerprint(model.name_or_path, model.revision, model.gguf_file),
+        "decoder_model": base_fingerprint(model.decoder_name_or_path, model.revision)
+        if model.decoder_name_or_path
+        else None,
+    }
+
+
+def check_integrity(folder: Path, meta: dict[str, Any], record: Path, model: Any, files: bool = True) -> None:
+    """The files and base model of a run (or merged folder) match its ``integrity`` record (exit 2 naming
+    what changed). A record written by an older peftkit has none: a warning line, and it loads."""
+    from peftkit.integrity import verify_base, verify_files
+
+    integrity = meta.get("integrity")
+    if not isinstance(integrity, dict):
+        logger.warning(
+            "%s has no integrity record (an older peftkit wrote it): files and base model not checked",
+            record,
+        )
+        return
+    if files and isinstance(integrity.get("files"), dict):
+        verify_files(folder, integrity["files"], record)
+    if model is None:
+        return
+    verify_base(
+        model.name_or_path, model.revision, model.gguf_file, integrity.get("base_model"), "model.name_or_path"
+    )
+    if model.decoder_name_or_path:
+        verify_base(
+            model.decoder_name_or_path,
+            model.revision,
+            None,
+            integrity.get("decoder_model"),
+            "model.decoder_name_or_path",
+        )
+
+
+def merged_integrity(folder: Path) -> dict[str, Any]:
+    """merge_report.json's ``integrity``: SHA-256 of each file of a merged folder but its records and card."""
+    from peftkit.integrity import file_digests
+
+    skip = (MERGE_REPORT, MODEL_CARD, EXPORT_MANIFEST)
+    return {
+        "files": file_digests(folder, [p for p in folder.iterdir() if p.is_file() and p.name not in skip])
+    }
+
+
+def refuse_recorded_remote_code(source: Path, recipe: Any, trust_remote_code: bool) -> None:
+    """A run directory (or merged folder) someone sends is untrusted input: the ``trust_remote_code`` it
+    records is honoured only when the user passes ``--trust-remote-code`` on this command line."""
+    if recipe.model.trust_remote_code and not trust_remote_code:
+        raise RunDirError(
+            f"{source}: its recorded recipe sets model.trust_remote_code = true, which runs code shipped "
+            f"with the model {recipe.model.name_or_path}; a received run directory cannot switch that on. "
+            "If you trust this run and its model, pass --trust-remote-code on this command line"
+        )
 
 
 def git_commit(folder: Path) -> str | None:
@@ -356,7 +446,7 @@ def checkpoint_problem(folder: Path) -> str | None:
     if weights_problem:
         return f"{ADAPTER_FILES[1]} is {weights_problem}"
     if any(folder.glob("global_step*")):  # DeepSpeed keeps optimizer states in its own folder
-        return None
+        return _deepspeed_checkpoint_problem(folder)
     for name in ("optimizer.pt", "scheduler.pt"):
         problem = _torch_file_problem(folder / name)
         if problem:
@@ -364,6 +454,25 @@ def checkpoint_problem(folder: Path) -> str | None:
     rng = folder / "rng_state.pth"
     if rng.exists() and not zipfile.is_zipfile(rng):
         return f"{rng.name} is truncated or corrupted"
+    return None
+
+
+def _deepspeed_checkpoint_problem(folder: Path) -> str | None:
+    """DeepSpeed's part of a checkpoint: ``latest`` names a ``global_step*`` folder holding its model and
+    optimizer states (torch.save zip archives), none of them cut short."""
+    try:
+        tag = (folder / "latest").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return "no readable 'latest' file (DeepSpeed writes it after its states)"
+    states = folder / tag
+    if not tag or not states.is_dir():
+        return f"'latest' names {tag!r}, which is not a folder of the checkpoint"
+    files = sorted(states.glob("*.pt"))
+    if not any(p.name.endswith("optim_states.pt") for p in files):
+        return f"no optimizer states (*optim_states.pt) in {tag}"
+    for path in files:
+        if not zipfile.is_zipfile(path):
+            return f"{tag}/{path.name} is truncated or corrupted"
     return None
 
 
@@ -549,12 +658,15 @@ def load_run(
     adapter_dir: str | os.PathLike[str] | None = None,
     *,
     dtype: str | None = None,
+    trust_remote_code: bool = False,
 ) -> LoadedRun:
     """Recipe, labels, tokenizer and the adapter model, from the run directory alone.
 
     The one loader of every command that uses a trained run (predict, evaluate, merge, export, error
     analysis). ``adapter_dir``: one of the run's checkpoints instead of its final adapter (the run need not
     have finished). ``dtype`` replaces the recipe's ``[model] dtype`` (a merge loads the base in float32).
+    ``trust_remote_code``: the user's own ``--trust-remote-code`` (a recorded one is not honoured alone).
+    The files peftkit wrote and the base model's weights are checked against the run's integrity record.
     """
     from peft import PeftModel
 
@@ -565,6 +677,9 @@ def load_run(
     folder = adapter or run_dir
     meta = check_complete(run_dir, adapter)
     recipe = load_resolved_recipe(run_dir)
+    refuse_recorded_remote_code(run_dir, recipe, trust_remote_code)
+    # a checkpoint's own files are not in the record (written at the end of the run)
+    check_integrity(run_dir, meta, run_dir / RUN_META, recipe.model, files=adapter is None)
     labels = run_labels(run_dir, recipe, meta)
     stack = load_stack(recipe, labels, tokenizer=_saved_tokenizer(recipe, folder, run_dir), dtype=dtype)
     try:
@@ -772,6 +887,10 @@ def write_combined_records(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "wall_time_s": round(wall_time_s, 2),
         "error": None,
+        # what predict/evaluate/merge/export check before using it, as for a trained run
+        "integrity": integrity_record(
+            folder, [p for p in folder.iterdir() if p.is_file() and p.name != RUN_META], recipe.model
+        ),
     }
     write_json_atomic(folder / RUN_META, meta)
     return meta

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import PeftkitError, did_you_mean
-from peftkit.outputs import check_output_dir
+from peftkit.outputs import check_output_dir, output_lock
 from peftkit.recipe import apply_override, load_recipe, recipe_from_dict
 from peftkit.recipe.sweep_table import Parameter, SweepSpec, override_text, parse_sweep_table
 from peftkit.recipe.toml_writer import to_toml
@@ -123,54 +123,57 @@ def run_sweep(
 
     sweep_dir = Path(out_dir) if out_dir else sweep_dir_for(recipe)
     sweep_dir = sweep_dir.resolve()
-    if overwrite and sweep_dir.exists():
-        check_output_dir(sweep_dir, True, markers=(SWEEP_RECORD, "optuna.db"))  # only a sweep's folder
-        shutil.rmtree(sweep_dir)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    record = {
-        "recipe_source": str(recipe_path.resolve()),
-        "recipe": {k: v for k, v in recipe.to_dict().items() if k != "train"}
-        | {"train": {k: v for k, v in recipe.train.items() if k != "output_dir"}},
-        "overrides": list(overrides),
-        "metric": metric,
-        "direction": direction,
-    }
-    _check_same_sweep(sweep_dir, record)
-    runs.write_json_atomic(sweep_dir / SWEEP_RECORD, record)
+    with output_lock(sweep_dir):  # one live writer per sweep folder
+        if overwrite and sweep_dir.exists():
+            check_output_dir(
+                sweep_dir, True, markers=(SWEEP_RECORD, "optuna.db"), inputs=runs.recipe_inputs(recipe)
+            )  # only a sweep's folder
+            shutil.rmtree(sweep_dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        record = {
+            "recipe_source": str(recipe_path.resolve()),
+            "recipe": {k: v for k, v in recipe.to_dict().items() if k != "train"}
+            | {"train": {k: v for k, v in recipe.train.items() if k != "output_dir"}},
+            "overrides": list(overrides),
+            "metric": metric,
+            "direction": direction,
+        }
+        _check_same_sweep(sweep_dir, record)
+        runs.write_json_atomic(sweep_dir / SWEEP_RECORD, record)
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    seed = spec.seed if spec.seed is not None else int(recipe.train["seed"])
-    study = optuna.create_study(
-        study_name=STUDY_NAME,
-        storage=f"sqlite:///{sweep_dir / 'optuna.db'}",
-        load_if_exists=True,
-        direction="maximize" if direction == "maximize" else "minimize",
-        sampler=_sampler(spec, trials, seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2)
-        if spec.pruner == "median"
-        else optuna.pruners.NopPruner(),
-    )
-    _recover_stale_trials(study, sweep_dir, metric)
-    finished = _finished(study)
-    if not study.trials and spec.baseline_trial:
-        values = {p.path: _base_value(recipe, p.path) for p in spec.parameters}
-        study.enqueue_trial({k: v for k, v in values.items() if _param(spec, k).contains(v)})
-    remaining = max(trials - len(finished), 0)
-    if finished:
-        logger.info(
-            "sweep %s: %d of %d trials finished before; running %d more",
-            sweep_dir,
-            len(finished),
-            trials,
-            remaining,
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        seed = spec.seed if spec.seed is not None else int(recipe.train["seed"])
+        study = optuna.create_study(
+            study_name=STUDY_NAME,
+            storage=f"sqlite:///{sweep_dir / 'optuna.db'}",
+            load_if_exists=True,
+            direction="maximize" if direction == "maximize" else "minimize",
+            sampler=_sampler(spec, trials, seed),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=2)
+            if spec.pruner == "median"
+            else optuna.pruners.NopPruner(),
         )
+        _recover_stale_trials(study, sweep_dir, metric)
+        finished = _finished(study)
+        if not study.trials and spec.baseline_trial:
+            values = {p.path: _base_value(recipe, p.path) for p in spec.parameters}
+            study.enqueue_trial({k: v for k, v in values.items() if _param(spec, k).contains(v)})
+        remaining = max(trials - len(finished), 0)
+        if finished:
+            logger.info(
+                "sweep %s: %d of %d trials finished before; running %d more",
+                sweep_dir,
+                len(finished),
+                trials,
+                remaining,
+            )
 
-    def objective(trial: Any) -> float:
-        return _run_trial(trial, spec, base, recipe_path, recipe.name, trial_overrides, sweep_dir, metric)
+        def objective(trial: Any) -> float:
+            return _run_trial(trial, spec, base, recipe_path, recipe.name, trial_overrides, sweep_dir, metric)
 
-    if remaining:
-        study.optimize(objective, n_trials=remaining, catch=())
-    return write_summary(study, spec, sweep_dir, metric, direction, raw, overrides, recipe, ran=remaining)
+        if remaining:
+            study.optimize(objective, n_trials=remaining, catch=())
+        return write_summary(study, spec, sweep_dir, metric, direction, raw, overrides, recipe, ran=remaining)
 
 
 def _check_same_sweep(sweep_dir: Path, record: dict[str, Any]) -> None:

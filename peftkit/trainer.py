@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftkit import runs
 from peftkit.console import progress_bars_fit
+from peftkit.outputs import writing
 from peftkit.recipe import TRAIN_OWN_KEYS, Recipe
 from peftkit.tasks.base import Task, TaskContext
 
@@ -87,6 +88,8 @@ def build_trainer(
         from peftkit.adapters import adalora_callback
 
         callbacks.append(adalora_callback())  # its rank allocation runs after every optimizer step
+    callbacks.append(divergence_callback())
+    callbacks.append(checkpoint_record_callback())
     callbacks.extend(extra_callbacks)
     validation = "validation" in features and args.eval_strategy != "no"
     trainer = trainer_cls(
@@ -141,6 +144,83 @@ def time_budget_callback(minutes: float) -> Any:
             return control
 
     return TimeBudget()
+
+
+def divergence_callback() -> Any:
+    """A TrainerCallback that fails the run (:class:`TrainingDiverged`, status ``failed`` naming the step
+    and the value) as soon as the loss, the gradients or the evaluation loss stop being finite.
+
+    Checked: every logged ``loss``/``grad_norm``/``eval_loss``; the trainable parameters' gradients before
+    each optimizer step (not under fp16, whose loss scaler makes and skips inf gradients on purpose); and
+    the trainable weights at the end of training, so a diverged run is never saved as ``completed``.
+    """
+    import math
+
+    import torch
+    from transformers import TrainerCallback
+
+    from peftkit.errors import TrainingDiverged
+
+    def fail(state: Any, what: str, value: Any, step: int | None = None) -> None:
+        raise TrainingDiverged(
+            f"training diverged at step {step or state.global_step}: {what} is {value}; the run is marked "
+            "failed and nothing of it is saved as completed. Lower train.learning_rate (or raise "
+            "warmup_steps / set max_grad_norm) and train again with --overwrite"
+        )
+
+    def trainable(model: Any) -> list[Any]:
+        return [p for p in model.parameters() if p.requires_grad] if model is not None else []
+
+    class StopOnDivergence(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> Any:
+            for key in ("loss", "grad_norm", "eval_loss", "train_loss"):
+                value = (logs or {}).get(key)
+                if key == "grad_norm" and args.fp16:
+                    continue
+                if isinstance(value, (int, float)) and not math.isfinite(value):
+                    fail(state, f"the logged {key}", value)
+            return control
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any) -> Any:
+            value = (metrics or {}).get("eval_loss")
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                fail(state, "the validation loss (eval_loss)", value)
+            return control
+
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if args.fp16:
+                return control
+            grads = [p.grad for p in trainable(kwargs.get("model")) if p.grad is not None]
+            if grads and not bool(torch.stack([g.detach().isfinite().all() for g in grads]).all()):
+                bad = next(g for g in grads if not bool(g.isfinite().all()))
+                # the step being taken: global_step counts it only after the optimizer step
+                fail(state, "a gradient", bad[~bad.isfinite()].flatten()[0].item(), state.global_step + 1)
+            return control
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            for param in trainable(kwargs.get("model")):
+                if not bool(param.detach().isfinite().all()):
+                    fail(state, "a trained weight", param[~param.isfinite()].flatten()[0].item())
+            return control
+
+    return StopOnDivergence()
+
+
+def checkpoint_record_callback() -> Any:
+    """A TrainerCallback that signs each saved DeepSpeed checkpoint's ``global_step*`` files with this
+    machine's key (:func:`peftkit.integrity.sign_checkpoint`), so that ``--resume`` unpickles only those."""
+    from transformers import TrainerCallback
+
+    from peftkit.integrity import sign_checkpoint
+
+    class SignCheckpoints(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                sign_checkpoint(folder)
+            return control
+
+    return SignCheckpoints()
 
 
 def save_and_stop_callback(request: StopRequest) -> Any:
@@ -309,26 +389,27 @@ def metrics_function(task: Task, ctx: TaskContext, examples: Any, features: Any)
     return compute
 
 
-def save_trained_model(trainer: Any, run_dir: Path, best_metric: str, main: bool) -> None:
+def save_trained_model(trainer: Any, run_dir: Path, best_metric: str, main: bool) -> list[Path]:
     """Adapter, tokenizer, config with labels and plots, staged then published into the run directory.
 
     Files written by transformers, peft and matplotlib go to a staging folder first and are then renamed
     into place one by one, so every file appears whole. In a distributed run every rank calls this: the
     others only join save_model's gather (under ZeRO-3 it gathers the adapter's shards) and write nothing.
+    Returns the files published (none on the other ranks).
     """
     from peftkit.plots import plot_curves
 
     if not main:
         trainer.save_model(str(run_dir / runs.STAGING))  # the Trainer writes only from the main process
-        return
-    with runs.staging_dir(run_dir) as stage:
+        return []
+    with runs.staging_dir(run_dir) as stage, writing(run_dir):
         trainer.save_model(str(stage))  # adapter_config.json + adapter_model.safetensors + tokenizer
         # the Trainer also pickles its arguments there; the resolved recipe in peftkit_run.json replaces it
         (stage / "training_args.bin").unlink(missing_ok=True)
         base_config = trainer.model.get_base_model().config
         base_config.save_pretrained(str(stage))  # id2label/label2id travel with the adapter
         plot_curves(trainer.state.log_history, stage / "plots", best_metric)
-        runs.publish(stage, run_dir)
+        return runs.publish(stage, run_dir)
 
 
 def kept_model(state: Any, args: Any) -> str:

@@ -95,7 +95,7 @@ def finetune(
             train_output = trainer.train(resume_from_checkpoint=checkpoint)
         # save first: nothing that can fail later (evaluation, a test split without labels) loses the
         # adapter. Every rank joins (under ZeRO-3 save_model gathers the adapter's shards); rank 0 writes
-        save_trained_model(trainer, run.dir, task.best_metric(recipe.task)[0], main=run.main)
+        saved = save_trained_model(trainer, run.dir, task.best_metric(recipe.task)[0], main=run.main)
         # evaluate the kept (best) model on validation and test; a split without labels is only predicted
         metrics: dict[str, Any] = {"train": dict(train_output.metrics)}
         for split in ("validation", "test"):
@@ -124,7 +124,16 @@ def finetune(
         metrics["best_checkpoint"] = trainer.state.best_model_checkpoint
         if run.checkpoint is not None:
             metrics["resumed_from"] = str(run.checkpoint)
-        run.complete(task.name, ctx.labels, metrics, trainer.state.log_history, data_fingerprints(raw, task))
+        # SHA-256 of what was saved and the base model's fingerprint: checked by every command loading the run
+        integrity = run.main_only(runs.integrity_record, run.dir, saved, recipe.model)
+        run.complete(
+            task.name,
+            ctx.labels,
+            metrics,
+            trainer.state.log_history,
+            data_fingerprints(raw, task),
+            integrity=integrity,
+        )
     return RunResult(run_dir=run.dir, metrics=metrics, kept=kept_model(trainer.state, args))
 
 

@@ -689,6 +689,9 @@ def _check_own_train_key(key: str, value: Any) -> str:
         error = f"must be at least 1, got {value}"
     if not error and key == "max_train_minutes" and value <= 0:
         error = f"must be a positive number of minutes, got {value}"
+    if not error and key == "output_dir" and not value.strip():
+        # "" resolves to the working directory, which --overwrite would replace
+        error = "is empty, which is the working directory (--overwrite would replace it)"
     return error
 
 
