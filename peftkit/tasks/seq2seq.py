@@ -838,7 +838,7 @@ def score_example(record: dict[str, Any], predicted: dict[str, Any], ctx: TaskCo
     """Error analysis: sentence chrF, lowest first."""
     from sacrebleu.metrics import CHRF
 
-    if ctx.cfg.chat:
+    if "source" not in record and "messages" in record:  # a conversation ([task] chat)
         turns = list(record["messages"])
         source, reference = str(turns[-2]["content"]) if len(turns) > 1 else "", chat_format.last_reply(turns)
     else:
