@@ -192,7 +192,8 @@ def _merge_section(report: Mapping[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for check in verification.get("checks") or []:
-        limit = f" (≤ {check['tolerance']:g})" if check.get("tolerance") is not None else ""
+        bound = check.get("limit", check.get("tolerance"))
+        limit = f" (≤ {bound:g})" if bound is not None else ""
         lines.append(
             f"| {check['name']}: {check['description']} | {check['max_abs_diff']:.3g}{limit} | "
             f"{check['mean_abs_diff']:.3g} | {check['agreement']:.4f} | {check['predictions_compared']} | "
@@ -235,7 +236,8 @@ def append_onnx_section(folder: Path, check: Mapping[str, Any], weights_kept: bo
         "",
         f"Parity with PyTorch on {check['sample'].get('examples')} examples of the "
         f"{check['sample'].get('split') or 'random'} split: max abs Δlogit {check['max_abs_diff']:.3g} "
-        f"(limit {check['tolerance']:g}), prediction agreement {check['agreement']:.4f} over "
+        f"(limit {check.get('limit', check['tolerance']):g}), prediction agreement {check['agreement']:.4f} "
+        "over "
         f"{check['predictions_compared']} predictions.",
         "",
     ]

@@ -349,7 +349,10 @@ DTYPE_CHOICE = click.Choice(["float32", "bfloat16", "float16"])
 @click.option("--checkpoint", help="Merge a checkpoint instead: best, last or checkpoint-N.")
 @click.option("--samples", default=32, show_default=True, help="Validation examples the check compares.")
 @click.option(
-    "--tolerance", default=1e-4, show_default=True, help="Largest float32 |Δlogit| the check accepts."
+    "--tolerance",
+    default=1e-4,
+    show_default=True,
+    help="Absolute floor of the float32 |Δlogit| limit; the limit is max(this, 1e-5 × the largest |logit|).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing merge/export output.")
 @user_errors
@@ -469,7 +472,10 @@ def merge_adapters(
 @click.option("--max-shard-size", help="Largest safetensors file, e.g. 2GB. Default: [export].")
 @click.option("--samples", default=32, show_default=True, help="Examples the parity checks compare.")
 @click.option(
-    "--tolerance", default=1e-4, show_default=True, help="Largest float32 |Δlogit| the merge check accepts."
+    "--tolerance",
+    default=1e-4,
+    show_default=True,
+    help="Absolute floor of the float32 |Δlogit| limit; the limit is max(this, 1e-5 × the largest |logit|).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing merge/export output.")
 @user_errors
