@@ -336,6 +336,19 @@ def predict(run_dir: Path, input_path: Path, output_path: Path) -> None:
     click.echo(f"wrote {len(results)} predictions to {output_path}")
 
 
+@main.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repository as private.")
+@user_errors
+def push(folder: Path, repo_id: str, private: bool) -> None:
+    """Upload a finished run directory, merged folder or bundle to a Hugging Face Hub model repository."""
+    from peftkit.push import push_folder
+
+    result = push_folder(folder, repo_id, private=private)
+    click.echo(f"pushed {result['kind']} {folder} to {result['url']}")
+
+
 DTYPE_CHOICE = click.Choice(["float32", "bfloat16", "float16"])
 
 
