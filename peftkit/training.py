@@ -94,6 +94,12 @@ def finetune(
         if run.checkpoint is not None:
             metrics["resumed_from"] = str(run.checkpoint)
         # save: every rank joins (under ZeRO-3 save_model gathers the adapter's shards); rank 0 writes
-        save_trained_model(trainer, run.dir, task.best_metric(recipe.task)[0], main=run.main)
+        save_trained_model(
+            trainer,
+            run.dir,
+            task.best_metric(recipe.task)[0],
+            main=run.main,
+            model_max_length=getattr(recipe.task, "max_length", None),
+        )
         run.complete(task.name, ctx.labels, metrics, trainer.state.log_history, data_fingerprints(raw))
     return RunResult(run_dir=run.dir, metrics=metrics)
