@@ -190,6 +190,22 @@ def apply_adapter(model: Any, options: dict[str, Any], task: Task, model_config:
     return peft_model
 
 
+def base_state_dict(peft_model: Any) -> dict[str, Any]:
+    """The base model's own tensors inside a PeftModel, under the base model's names.
+
+    peft keeps the wrapped layers' weights as ``<layer>.base_layer.*`` and a saved head's original as
+    ``<head>.original_module.*``; every adapter tensor has its adapter's name ("default") as a name part.
+    """
+    adapters = set(getattr(peft_model, "peft_config", {}) or {"default"})
+    out = {}
+    for key, tensor in peft_model.get_base_model().state_dict().items():
+        parts = key.split(".")
+        if adapters & set(parts):
+            continue
+        out[".".join(p for p in parts if p not in ("base_layer", "original_module"))] = tensor
+    return out
+
+
 def count_parameters(model: Any) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit packed weights counted by their logical size."""
     trainable = total = 0

@@ -9,6 +9,7 @@ A bundle with an ONNX file gets a section on running it and its parity figures.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,12 +45,9 @@ def model_card(
     adapter = dict(report.get("adapter") or {})
     method = _method_name(recipe.get("adapter", {}), adapter)
     base = str(report["base_model"]) + (f" ({report['gguf_file']})" if report.get("gguf_file") else "")
-    pipeline_task = report.get("pipeline_task")
     name = report.get("run_name") or Path(str(report["source_run"])).name
-    front = ["---", "library_name: transformers", f"base_model: {json.dumps(str(report['base_model']))}"]
-    if pipeline_task:
-        front.append(f"pipeline_tag: {pipeline_task}")
-    front += ["tags:", "- peftkit", f"- {method.split()[0].lower()}", "- merged", "---", ""]
+    tags = ["peftkit", method.split()[0].lower(), "merged"]
+    front = ["---", card_metadata(report, recipe, metrics, meta, name=name, tags=tags).strip(), "---", ""]
     lines = [
         *front,
         f"# {name} (merged)",
@@ -97,6 +95,85 @@ def model_card(
     shown = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
     lines += ["## Versions", "", shown, ""]
     return "\n".join(lines)
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+METADATA_SKIP = ("loss", "runtime", "_per_second", "precision_", "recall_", "support_", "steps", "epoch")
+
+
+def hub_id(value: Any) -> str | None:
+    """``value`` when it is a Hugging Face Hub repository id (``owner/name``), not a path or a reference."""
+    if not isinstance(value, str) or value.startswith(("pypi:", "/", ".", "~")) or Path(value).exists():
+        return None
+    return value if HUB_ID.match(value) else None
+
+
+def _base_license(base: Any) -> str | None:
+    """The licence in a local base model's own card (its README.md metadata), if it states one."""
+    from huggingface_hub import ModelCard
+
+    card = Path(str(base)) / runs.MODEL_CARD
+    if not card.is_file():
+        return None
+    try:
+        value = ModelCard.load(card).data.to_dict().get("license")
+    except (OSError, ValueError, TypeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def card_metadata(
+    report: Mapping[str, Any],
+    recipe: Mapping[str, Any],
+    metrics: Mapping[str, Any] | None,
+    meta: Mapping[str, Any],
+    *,
+    name: str,
+    tags: list[str],
+) -> str:
+    """The card's YAML metadata, written by huggingface_hub's ``ModelCardData`` (what the Hub parses).
+
+    ``base_model`` only as a Hub id (the run's recorded reference or the recipe's): a local path or a
+    ``pypi:`` reference is not valid Hub metadata and is named in the card's text instead. ``license`` is the
+    base model card's own, when a local base has one; ``datasets`` the recipe's Hub dataset; ``model-index``
+    the run's measured test (else validation) metrics.
+    """
+    from huggingface_hub import EvalResult, ModelCardData
+
+    record = meta.get("base_model") if isinstance(meta.get("base_model"), Mapping) else {}
+    base = hub_id((record or {}).get("reference")) or hub_id(report.get("base_model"))
+    dataset = hub_id((recipe.get("data") or {}).get("dataset"))
+    pipeline_task = report.get("pipeline_task") or None
+    results = []
+    for split in ("test", "validation"):
+        values = (metrics or {}).get(split)
+        if not isinstance(values, Mapping):
+            continue
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and not any(part in key for part in METADATA_SKIP):
+                results.append(
+                    EvalResult(
+                        task_type=str(pipeline_task or report.get("task")),
+                        dataset_type=dataset or "custom",
+                        dataset_name=dataset or f"{name} {split} split",
+                        dataset_split=split,
+                        metric_type=key,
+                        metric_value=float(value),
+                    )
+                )
+        if results:
+            break
+    data = ModelCardData(
+        library_name="transformers",
+        base_model=base,
+        pipeline_tag=pipeline_task,
+        license=_base_license(report.get("base_model")),
+        datasets=[dataset] if dataset else None,
+        tags=tags,
+        model_name=name,
+        eval_results=results or None,
+    )
+    return str(data.to_yaml())
 
 
 def _method_name(recipe_adapter: Mapping[str, Any], adapter: Mapping[str, Any]) -> str:
@@ -192,7 +269,8 @@ def _merge_section(report: Mapping[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for check in verification.get("checks") or []:
-        limit = f" (≤ {check['tolerance']:g})" if check.get("tolerance") is not None else ""
+        bound = check.get("limit", check.get("tolerance"))
+        limit = f" (≤ {bound:g})" if bound is not None else ""
         lines.append(
             f"| {check['name']}: {check['description']} | {check['max_abs_diff']:.3g}{limit} | "
             f"{check['mean_abs_diff']:.3g} | {check['agreement']:.4f} | {check['predictions_compared']} | "
@@ -235,7 +313,8 @@ def append_onnx_section(folder: Path, check: Mapping[str, Any], weights_kept: bo
         "",
         f"Parity with PyTorch on {check['sample'].get('examples')} examples of the "
         f"{check['sample'].get('split') or 'random'} split: max abs Δlogit {check['max_abs_diff']:.3g} "
-        f"(limit {check['tolerance']:g}), prediction agreement {check['agreement']:.4f} over "
+        f"(limit {check.get('limit', check['tolerance']):g}), prediction agreement {check['agreement']:.4f} "
+        "over "
         f"{check['predictions_compared']} predictions.",
         "",
     ]

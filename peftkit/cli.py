@@ -438,6 +438,19 @@ def predict(
     click.echo(f"wrote {len(results)} predictions to {where}{blank}", err=to_stdout)
 
 
+@main.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repository as private.")
+@user_errors
+def push(folder: Path, repo_id: str, private: bool) -> None:
+    """Upload a finished run directory, merged folder or bundle to a Hugging Face Hub model repository."""
+    from peftkit.push import push_folder
+
+    result = push_folder(folder, repo_id, private=private)
+    click.echo(f"pushed {result['kind']} {folder} to {result['url']}")
+
+
 DTYPE_CHOICE = click.Choice(["float32", "bfloat16", "float16"])
 
 
@@ -451,7 +464,10 @@ DTYPE_CHOICE = click.Choice(["float32", "bfloat16", "float16"])
 @click.option("--checkpoint", help="Merge a checkpoint instead: best, last or checkpoint-N.")
 @click.option("--samples", default=32, show_default=True, help="Validation examples the check compares.")
 @click.option(
-    "--tolerance", default=1e-4, show_default=True, help="Largest float32 |Δlogit| the check accepts."
+    "--tolerance",
+    default=1e-4,
+    show_default=True,
+    help="Absolute floor of the float32 |Δlogit| limit; the limit is max(this, 1e-5 × the largest |logit|).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing merge/export output.")
 @click.option("--trust-remote-code", is_flag=True, help=TRUST_HELP)
@@ -574,7 +590,10 @@ def merge_adapters(
 @click.option("--max-shard-size", help="Largest safetensors file, e.g. 2GB. Default: [export].")
 @click.option("--samples", default=32, show_default=True, help="Examples the parity checks compare.")
 @click.option(
-    "--tolerance", default=1e-4, show_default=True, help="Largest float32 |Δlogit| the merge check accepts."
+    "--tolerance",
+    default=1e-4,
+    show_default=True,
+    help="Absolute floor of the float32 |Δlogit| limit; the limit is max(this, 1e-5 × the largest |logit|).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing merge/export output.")
 @click.option("--trust-remote-code", is_flag=True, help=TRUST_HELP)

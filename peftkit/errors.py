@@ -95,3 +95,7 @@ class ExportError(PeftkitError):
 
 class OutputError(PeftkitError):
     """An output folder cannot be written as asked (a file, an input of the command, not peftkit's)."""
+
+
+class PushError(PeftkitError):
+    """A folder cannot go to the Hugging Face Hub (offline, not logged in, unfinished, not peftkit's)."""

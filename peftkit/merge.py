@@ -150,8 +150,9 @@ def merge_run(
 
     ``dtype`` and ``max_shard_size`` default to the recipe's ``[export]`` section. Raises
     :class:`MergeVerificationError` (and writes nothing at ``out``) when the reloaded merged model does not
-    reproduce the adapter model on the sample: float32 logits further apart than ``tolerance`` (absolute), or
-    any prediction different.
+    reproduce the adapter model on the sample: float32 logits further apart than
+    ``max(tolerance, 1e-5 × their largest |logit|)`` (:data:`peftkit.parity.FP32_RELATIVE_TOLERANCE`), or any
+    prediction different.
     """
     out_dir = Path(out)
     with staged_merge(
@@ -414,7 +415,8 @@ def _known_discrepancies(model: Any, sample: Sample) -> list[str]:
 def _failure_message(failed: list[dict[str, Any]], report: dict[str, Any]) -> str:
     lines = ["the merged model does not reproduce the adapter model; nothing was written to the output:"]
     for check in failed:
-        limit = f" (limit {check['tolerance']:g})" if check["tolerance"] is not None else ""
+        bound = check.get("limit", check["tolerance"])
+        limit = f" (limit {bound:g})" if bound is not None else ""
         lines.append(
             f"  {check['name']}: max |Δlogit| = {check['max_abs_diff']:.3g}{limit}, prediction agreement "
             f"{check['agreement']:.4f} (needs {check['min_agreement']:.2f}) over "

@@ -25,7 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peftkit.errors import RunDirError
+from peftkit.errors import ModelLoadError, RunDirError
 from peftkit.outputs import (  # noqa: F401  (re-exported: the run directory's writers)
     check_output_dir,
     publish,
@@ -48,6 +48,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 MODEL_CONFIG = "config.json"  # the base model's config with id2label, saved beside the adapter
+# the base model's weights beside the adapter: transformers then loads the run directory as it is
+EMBEDDED_BASE = "model.safetensors"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 # a merged folder (``peftkit merge``) and a bundle (``peftkit export``)
 MERGE_REPORT = "merge_report.json"
@@ -187,11 +189,41 @@ def run_meta(recipe: Recipe, status: str) -> dict[str, Any]:
         "recipe_source": str(Path(recipe.source).resolve()) if recipe.source != "<dict>" else recipe.source,
         "recipe": recipe.to_dict(),
         "seed": recipe.train["seed"],
+        "base_model": base_model_record(recipe, recipe.output_dir),
         **stack_record(),
         "git_commit": git_commit(Path(__file__).parent),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **process_fields(),
     }
+
+
+def portable_reference(value: str, run_dir: Path) -> dict[str, str]:
+    """How a run finds a base again elsewhere: ``reference`` as a recipe would write it (a Hub id, the
+    ``pypi:<package>/<sub>`` of a model shipped in a wheel, or the absolute folder) and, for a local folder,
+    ``relative_to_run``: the same folder seen from the run directory."""
+    import site
+    import sysconfig
+
+    path = Path(value).expanduser()
+    if not path.is_absolute() or not path.exists():
+        return {"reference": value}  # a Hub id
+    path = path.resolve()
+    roots = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()}
+    for root in sorted(roots, key=len, reverse=True):
+        with contextlib.suppress(ValueError, OSError):
+            inside = path.relative_to(Path(root).resolve())
+            if inside.parts:
+                return {"reference": "pypi:" + inside.as_posix()}
+    return {"reference": str(path), "relative_to_run": os.path.relpath(path, run_dir.resolve())}
+
+
+def base_model_record(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
+    """peftkit_run.json's ``base_model``: the base (and a warm-started decoder) as portable references."""
+    model = recipe.model
+    record: dict[str, Any] = {**portable_reference(model.name_or_path, run_dir), "revision": model.revision}
+    if model.decoder_name_or_path:
+        record["decoder"] = portable_reference(model.decoder_name_or_path, run_dir)
+    return record
 
 
 def write_started_run(run_dir: Path, recipe: Recipe) -> None:
@@ -305,6 +337,31 @@ def refuse_recorded_remote_code(source: Path, recipe: Any, trust_remote_code: bo
             f"with the model {recipe.model.name_or_path}; a received run directory cannot switch that on. "
             "If you trust this run and its model, pass --trust-remote-code on this command line"
         )
+
+
+def clean_adapter_config(folder: Path, module_names: set[str]) -> None:
+    """adapter_config.json's ``modules_to_save`` once each, and only heads the model has.
+
+    peft adds its task's default head names to the list (both ``classifier`` and ``score`` for sequence
+    classification, and again on every save), whatever the model's head is called.
+    """
+    path = folder / ADAPTER_CONFIG
+    config = read_json_object(path, {})
+    heads = config.get("modules_to_save")
+    if not isinstance(heads, list):
+        return
+    cleaned = sorted({h for h in heads if isinstance(h, str) and h.rsplit(".", 1)[-1] in module_names})
+    config["modules_to_save"] = cleaned or None
+    write_json_atomic(path, config)
+
+
+def set_model_max_length(folder: Path, length: int) -> None:
+    """The saved tokenizer's ``model_max_length``: the length the run was trained and evaluated at."""
+    path = folder / TOKENIZER_CONFIG
+    if path.is_file():
+        config = read_json_object(path, {})
+        config["model_max_length"] = int(length)
+        write_json_atomic(path, config)
 
 
 def git_commit(folder: Path) -> str | None:
@@ -676,12 +733,21 @@ def load_run(
     adapter = Path(adapter_dir) if adapter_dir else None
     folder = adapter or run_dir
     meta = check_complete(run_dir, adapter)
-    recipe = load_resolved_recipe(run_dir)
+    recipe = relocate_base(load_resolved_recipe(run_dir), meta, run_dir)
     refuse_recorded_remote_code(run_dir, recipe, trust_remote_code)
     # a checkpoint's own files are not in the record (written at the end of the run)
     check_integrity(run_dir, meta, run_dir / RUN_META, recipe.model, files=adapter is None)
     labels = run_labels(run_dir, recipe, meta)
-    stack = load_stack(recipe, labels, tokenizer=_saved_tokenizer(recipe, folder, run_dir), dtype=dtype)
+    tokenizer = _saved_tokenizer(recipe, folder, run_dir)
+    try:
+        stack = load_stack(recipe, labels, tokenizer=tokenizer, dtype=dtype)
+    except ModelLoadError as exc:
+        embedded = embedded_base_recipe(recipe, run_dir)
+        if embedded is None:
+            raise
+        logger.warning("%s; using the base weights saved in %s", str(exc).splitlines()[0], run_dir)
+        recipe = embedded
+        stack = load_stack(recipe, labels, tokenizer=tokenizer, dtype=dtype)
     try:
         model = PeftModel.from_pretrained(stack.model, str(folder))
     except Exception as exc:  # anything failing here is a broken or mismatched adapter
@@ -694,6 +760,58 @@ def load_run(
 
     ready_for_evaluation(model)  # AdaLoRA loaded for inference cannot score labels otherwise
     return LoadedRun(run_dir=run_dir, recipe=recipe, task=stack.task, ctx=stack.ctx, model=model, meta=meta)
+
+
+def relocate_base(recipe: Any, meta: dict[str, Any], run_dir: Path) -> Any:
+    """The recipe with its base found again when the absolute folder it recorded is gone (a copied or moved
+    run): the recorded ``pypi:`` reference resolved in this environment, or the folder at the same place
+    relative to the run directory. Anything else is left as it was (a Hub id resolves by itself)."""
+    from peftkit.recipe import resolve_model_reference
+
+    raw = meta.get("base_model")
+    record: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    updates = {}
+    for key, entry in (("name_or_path", record), ("decoder_name_or_path", record.get("decoder") or {})):
+        value = getattr(recipe.model, key)
+        if not value or not Path(value).is_absolute() or Path(value).exists() or not isinstance(entry, dict):
+            continue
+        candidates = []
+        reference = entry.get("reference")
+        if isinstance(reference, str) and reference.startswith("pypi:"):
+            resolved, problem = resolve_model_reference(reference, run_dir)
+            if problem is None:
+                candidates.append(Path(resolved))
+        if isinstance(entry.get("relative_to_run"), str):
+            candidates.append(run_dir.resolve() / entry["relative_to_run"])
+        found = next((c for c in candidates if c.exists()), None)
+        if found is not None:
+            logger.info("%s: base %s is gone; using %s", run_dir, value, found)
+            updates[key] = str(found.resolve())
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update=updates)}) if updates else recipe
+
+
+def embedded_base_recipe(recipe: Any, run_dir: Path) -> Any:
+    """The recipe with the base weights saved in the run directory as its base, or None without them.
+
+    The run directory itself cannot be the base folder: transformers would apply its adapter while loading
+    (it is "a model with an embedded adapter"), and peft then a second time. So a private temporary folder
+    links to the run's config and base weights.
+    """
+    import atexit
+    import tempfile
+
+    if not (run_dir / EMBEDDED_BASE).is_file() and not (run_dir / SHARD_INDEX).is_file():
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="peftkit-base-"))
+    atexit.register(shutil.rmtree, folder, True)
+    for item in run_dir.iterdir():
+        if item.name in (MODEL_CONFIG, "generation_config.json", SHARD_INDEX) or (
+            item.name.startswith("model") and item.suffix == ".safetensors"
+        ):
+            (folder / item.name).symlink_to(item.resolve())
+    updates = {"name_or_path": str(folder), "decoder_name_or_path": None, "gguf_file": None, "revision": None}
+    model = recipe.model.model_copy(update=updates)
+    return recipe.model_copy(update={"model": model})
 
 
 def load_resolved_recipe(run_dir: str | os.PathLike[str]) -> Any:

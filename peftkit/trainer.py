@@ -389,13 +389,23 @@ def metrics_function(task: Task, ctx: TaskContext, examples: Any, features: Any)
     return compute
 
 
-def save_trained_model(trainer: Any, run_dir: Path, best_metric: str, main: bool) -> list[Path]:
+def save_trained_model(
+    trainer: Any,
+    run_dir: Path,
+    best_metric: str,
+    main: bool,
+    model_max_length: int | None = None,
+    base_weights: bool = True,
+) -> list[Path]:
     """Adapter, tokenizer, config with labels and plots, staged then published into the run directory.
 
     Files written by transformers, peft and matplotlib go to a staging folder first and are then renamed
     into place one by one, so every file appears whole. In a distributed run every rank calls this: the
     others only join save_model's gather (under ZeRO-3 it gathers the adapter's shards) and write nothing.
-    Returns the files published (none on the other ranks).
+    Returns the files published (none on the other ranks). ``model_max_length`` (the task's
+    ``max_length``) goes into the saved tokenizer config, so that a ``pipeline(..., truncation=True)`` cuts
+    inputs where training did. ``base_weights`` (``[train] save_base_weights``): the base model's own weights
+    beside the adapter as well (:func:`save_embedded_base`).
     """
     from peftkit.plots import plot_curves
 
@@ -406,10 +416,16 @@ def save_trained_model(trainer: Any, run_dir: Path, best_metric: str, main: bool
         trainer.save_model(str(stage))  # adapter_config.json + adapter_model.safetensors + tokenizer
         # the Trainer also pickles its arguments there; the resolved recipe in peftkit_run.json replaces it
         (stage / "training_args.bin").unlink(missing_ok=True)
-        base_config = trainer.model.get_base_model().config
-        base_config.save_pretrained(str(stage))  # id2label/label2id travel with the adapter
+        if model_max_length is not None:
+            runs.set_model_max_length(stage, model_max_length)
+        base = trainer.model.get_base_model()
+        base.config.save_pretrained(str(stage))  # id2label/label2id travel with the adapter
+        runs.clean_adapter_config(stage, {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()})
         plot_curves(trainer.state.log_history, stage / "plots", best_metric)
-        return runs.publish(stage, run_dir)
+        published = runs.publish(stage, run_dir)
+    if base_weights:
+        published += save_embedded_base(trainer, run_dir)
+    return published
 
 
 def kept_model(state: Any, args: Any) -> str:
@@ -432,3 +448,32 @@ def kept_model(state: Any, args: Any) -> str:
         "no evaluation chose a best checkpoint" if args.load_best_model_at_end else "no best-model selection"
     )
     return f"kept the last step ({ran}; {why})"
+
+
+def save_embedded_base(trainer: Any, run_dir: Path) -> list[Path]:
+    """The base model's own weights beside the adapter (model.safetensors), after the adapter is saved.
+
+    With config.json and base weights at the top, transformers takes the run directory for "a complete model
+    with an embedded adapter" (transformers' ``maybe_load_adapters``): ``AutoModelFor<Task>.from_pretrained``
+    and ``pipeline()`` load it as it is, with the run's labels, and a copied run needs no base elsewhere.
+    Skipped (with a log line) for a quantized base and under DeepSpeed, whose live weights are not the base's
+    float tensors; those runs load through peftkit and ``PeftModel``. A failure here loses nothing: the
+    adapter is already in place.
+    """
+    from peftkit.adapters import base_state_dict
+
+    base = trainer.model.get_base_model()
+    if getattr(base, "is_quantized", False) or getattr(trainer, "is_deepspeed_enabled", False):
+        logger.info("not saving the base weights into %s (quantized base or DeepSpeed)", run_dir)
+        return []
+    try:
+        with runs.staging_dir(run_dir) as stage:
+            base.save_pretrained(str(stage), state_dict=base_state_dict(trainer.model))
+            return runs.publish(stage, run_dir)
+    except (OSError, RuntimeError, ValueError) as exc:
+        logger.warning(
+            "could not save the base weights into %s (%s); the run loads through peftkit and PeftModel only",
+            run_dir,
+            exc,
+        )
+        return []

@@ -95,7 +95,14 @@ def finetune(
             train_output = trainer.train(resume_from_checkpoint=checkpoint)
         # save first: nothing that can fail later (evaluation, a test split without labels) loses the
         # adapter. Every rank joins (under ZeRO-3 save_model gathers the adapter's shards); rank 0 writes
-        saved = save_trained_model(trainer, run.dir, task.best_metric(recipe.task)[0], main=run.main)
+        saved = save_trained_model(
+            trainer,
+            run.dir,
+            task.best_metric(recipe.task)[0],
+            main=run.main,
+            model_max_length=getattr(recipe.task, "max_length", None),
+            base_weights=bool(recipe.train.get("save_base_weights", True)),
+        )
         # evaluate the kept (best) model on validation and test; a split without labels is only predicted
         metrics: dict[str, Any] = {"train": dict(train_output.metrics)}
         for split in ("validation", "test"):

@@ -90,6 +90,9 @@ KEY_EFFECT_TESTS: dict[str, str] = {
     "train.max_train_minutes": (
         "tests/integration/test_time_budget.py::test_time_budget_stops_training_then_evaluates_and_saves"
     ),
+    "train.save_base_weights": (
+        "tests/integration/test_hf_loadable_runs.py::test_without_base_weights_the_run_holds_the_adapter_only"
+    ),
     "train.fused_lora": (
         "tests/integration/test_fused_lora.py::test_fused_path_is_the_same_run_as_peft_layers"
     ),

@@ -153,6 +153,10 @@ TRAIN_OWN_KEYS: dict[str, str] = {
     'does); "never" (the default) refuses an existing run directory',
     "fused_lora": "true (the default) trains plain LoRA linears with peftkit's fused autograd path (the same "
     "run as peft's layers, no dropout copies saved); false keeps peft's own layers (docs/memory.md)",
+    "save_base_weights": "true (the default) also saves the base model's weights in the run directory, so "
+    "that AutoModelFor<Task>.from_pretrained(run_dir) and pipeline() load it as it is and a copied run needs "
+    "no base elsewhere; false keeps the run adapter-sized (for a large base; it then loads through peftkit, "
+    "PeftModel or AutoPeftModel)",
 }
 # TrainingArguments keys transformers 5 removed, with their replacement
 TRAIN_REMOVED_KEYS: dict[str, str] = {
@@ -683,6 +687,7 @@ def _check_own_train_key(key: str, value: Any) -> str:
         "max_train_minutes": float,
         "resume": Literal["auto", "never"],
         "fused_lora": bool,
+        "save_base_weights": bool,
     }
     error = check_value(value, expected[key])
     if not error and key == "early_stopping_patience" and value < 1:
