@@ -738,6 +738,8 @@ def _planned_length(
     :func:`training_length`'s layer-weighted mean of the two limits instead.
     """
     max_length = training_length(recipe.task, model_config)
+    seq2seq = getattr(recipe.task, "max_source_length", None) is not None
+    limit_name = "max_source_length + max_target_length" if seq2seq else "max_length"
     if seq_len:
         return seq_len, f"{seq_len} tokens a sequence (--seq-len)"
     if getattr(model_config, "is_encoder_decoder", False):
@@ -759,7 +761,7 @@ def _planned_length(
     of = f"the first {count:,} of {len(split):,}" if count < len(split) else f"all {count:,}"
     return longest, (
         f"batches padded to their longest feature: the longest of {of} training examples, tokenized, is "
-        f"{longest} tokens (limit {max_length})"
+        f"{longest} tokens ({limit_name} {max_length})"
     )
 
 

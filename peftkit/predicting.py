@@ -240,8 +240,8 @@ def check_input(
             how = f" (mapped by {dict(mapped)})" if mapped else ""
             problems.append(
                 f"{_count(missing)} without a {wanted} field{how}, e.g. one with the fields "
-                f"{sorted(first)}; name the field {group[0]!r} or map yours with --columns "
-                f"{group[0]}=<your field>"
+                f"{sorted(first)}; name the field {wanted} or map yours with --columns "
+                f"{group[-1]}=<your field>"
             )
     for name in keep:
         absent = [n for (n, r) in given.records if r is not None and name not in r]
