@@ -69,7 +69,8 @@ def test_fields_map_by_the_recipe_or_by_columns_and_are_checked_with_lines() -> 
     mapped = source("seq2seq", {"source": "en", "target": "es"})
     records = task_records(mapped, given)
     assert records == [{"source": "a"}, {"de": "b"}]
-    with pytest.raises(DataError, match=r"in.jsonl: 1 record \(line 2\) without a 'messages' or 'source' field"):
+    missing = r"in.jsonl: 1 record \(line 2\) without a 'messages' or 'source' field"
+    with pytest.raises(DataError, match=missing):
         check_input(mapped, given, records)
     override = parse_columns(["source=de"])
     assert task_records(mapped, given, override) == [{"en": "a"}, {"source": "b"}]
