@@ -166,28 +166,27 @@ RUN_DIR_CASES: dict[str, tuple[Damage, str]] = {
     ),
     "labels missing": (
         remove("labels.json"),
-        "{run}/labels.json: not found; is {run} a complete peftkit run directory?",
+        "{run}: integrity check failed (missing: {run}/labels.json;",
     ),
     "labels truncated": (
         rewrite("labels.json", '{"labels": ["ham", '),
-        "{run}/labels.json:1: corrupted JSON (Expecting value); re-run the step that wrote it",
+        "{run}: integrity check failed (changed since peftkit wrote it: {run}/labels.json;",
     ),
     "labels without the list": (
         rewrite("labels.json", '{"task": "seq_cls"}'),
-        "{run}/labels.json: corrupted (no 'labels' entry); re-run the step that wrote it",
+        "{run}: integrity check failed (changed since peftkit wrote it: {run}/labels.json;",
     ),
     "labels not matching the model config": (
         rewrite("labels.json", '{"labels": ["ham", "spam", "eggs"], "task": "seq_cls"}'),
-        "{run}/labels.json: corrupted (labels ['ham', 'spam', 'eggs'] do not match id2label ['ham', "
-        "'spam'] in config.json); re-run finetune",
+        "{run}: integrity check failed (changed since peftkit wrote it: {run}/labels.json;",
     ),
     "tokenizer missing": (
         remove("tokenizer.json", "tokenizer_config.json"),
-        "{run}/tokenizer_config.json: missing; the run directory is incomplete, re-run finetune",
+        "{run}: integrity check failed (missing: {run}/tokenizer",
     ),
     "tokenizer truncated": (
         cut("tokenizer.json", 100),
-        "{run}: the saved tokenizer cannot be loaded (JSONDecodeError: ",
+        "{run}: integrity check failed (changed since peftkit wrote it: {run}/tokenizer.json;",
     ),
 }
 
