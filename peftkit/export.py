@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import logging
 import os
 import shutil
@@ -24,6 +23,7 @@ from typing import Any
 from peftkit import runs
 from peftkit.card import append_onnx_section
 from peftkit.errors import ExportError
+from peftkit.integrity import sha256_file
 from peftkit.outputs import check_output_dir, output_lock, staged_output, writing
 from peftkit.parity import DEFAULT_SAMPLES, FP32_TOLERANCE
 
@@ -351,7 +351,7 @@ def _manifest(
 ) -> dict[str, Any]:
     files = {}
     for item in sorted(p for p in stage.rglob("*") if p.is_file()):
-        files[str(item.relative_to(stage))] = {"bytes": item.stat().st_size, "sha256": _sha256(item)}
+        files[str(item.relative_to(stage))] = {"bytes": item.stat().st_size, "sha256": sha256_file(item)}
     return {
         "formats": list(formats),
         "source": str(source.resolve()),
@@ -367,11 +367,3 @@ def _manifest(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "wall_time_s": round(elapsed, 2),
     }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
