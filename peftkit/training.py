@@ -104,7 +104,11 @@ def finetune(
             base_weights=bool(recipe.train.get("save_base_weights", True)),
         )
         # evaluate the kept (best) model on validation and test; a split without labels is only predicted
-        metrics: dict[str, Any] = {"train": dict(train_output.metrics)}
+        # transformers' PrinterCallback (the log without progress bars) pops total_flos from the very dict
+        # train() returns; the state still holds it
+        metrics: dict[str, Any] = {
+            "train": {**train_output.metrics, "total_flos": float(trainer.state.total_flos)}
+        }
         for split in ("validation", "test"):
             if split not in features:
                 continue
