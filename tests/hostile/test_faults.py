@@ -30,14 +30,22 @@ def write_recipe(folder: Path, model: Path, out: Path, extra: str = "") -> Path:
 
 
 @pytest.mark.hostile("clear_error")
-@pytest.mark.parametrize("rate", ["1e4", "1e999"])  # 1e999 is inf in TOML
-def test_diverged_run_ends_failed_naming_step_and_value(
-    tiny_bert_dir: Path, tmp_path: Path, rate: str
-) -> None:
+def test_infinite_learning_rate_is_refused_before_training(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """1e999 is inf in TOML: refused when the recipe is read, before a run directory exists."""
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path, tiny_bert_dir, out)
+    result = invoke_cli("finetune", str(recipe), "--set", "train.learning_rate=1e999")
+    assert_clear_error(result, str(recipe), "train.learning_rate", "must be a finite number")
+    assert not out.exists()
+
+
+@pytest.mark.hostile("clear_error")
+def test_diverged_run_ends_failed_naming_step_and_value(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """learning_rate = 1e4 trains into NaN: the run stops as failed, naming the step and the value."""
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path, tiny_bert_dir, out)
     result = invoke_cli(
-        "finetune", str(recipe), "--set", f"train.learning_rate={rate}", "--set", "train.max_steps=40"
+        "finetune", str(recipe), "--set", "train.learning_rate=1e4", "--set", "train.max_steps=40"
     )
     assert_clear_error(result, "training diverged at step", "nan")
     record = json.loads((out / "peftkit_run.json").read_text())
