@@ -136,8 +136,9 @@ def output_lock(out: Path) -> Iterator[None]:
     """One live writer per output folder: an exclusive ``flock`` on :func:`lock_path` held for the block.
 
     A second writer (another process) gets an :class:`OutputLocked` naming the folder and the holder's pid.
-    The lock dies with its process, so a killed run leaves nothing to clean up (the lock file itself stays,
-    empty of meaning). Nested holds of one folder in one process (export merging into its bundle) are fine.
+    The lock dies with its process, so a killed run leaves nothing to clean up (a killed run's lock file
+    stays, empty of meaning; a finished writer removes its own). Nested holds of one folder in one process
+    (export merging into its bundle) are fine.
     """
     path = lock_path(out)
     if path in _held_locks:
@@ -150,21 +151,31 @@ def output_lock(out: Path) -> Iterator[None]:
             _held_locks[path] = (fd, depth - 1)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            holder = path.read_text().strip() or "unknown"
-        except OSError:
-            holder = "unknown"
-        raise OutputLocked(
-            f"{out}: another peftkit process (pid {holder}) is writing this folder now (it holds {path}); "
-            "wait for it to finish or stop it, or choose another output folder. Nothing was changed"
-        ) from None
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            try:
+                holder = path.read_text().strip() or "unknown"
+            except OSError:
+                holder = "unknown"
+            raise OutputLocked(
+                f"{out}: another peftkit process (pid {holder}) is writing this folder now (it holds "
+                f"{path}); wait for it to finish or stop it, or choose another output folder. Nothing was "
+                "changed"
+            ) from None
+        # the holder before us removes the file as it lets go: a lock on that removed file guards nothing,
+        # so lock the file now at the path instead
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -173,7 +184,7 @@ def output_lock(out: Path) -> Iterator[None]:
     finally:
         _held_locks.pop(path, None)
         with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
+            os.unlink(path)  # while still locked, so no file is left beside the output
         os.close(fd)  # releases the flock
 
 

@@ -66,7 +66,9 @@ def test_tokenizer_revision_remote_code_attention_and_dtype_reach_the_loaders(
 
     # peftkit's own calls (transformers calls from_pretrained again inside, with private keys)
     ours = [(what, name, kwargs) for what, name, kwargs in calls if "_from_auto" not in kwargs]
+    # the checks validate runs first read the config alone (no weights); then training loads all three
     assert [(what, name) for what, name, _ in ours] == [
+        ("config", str(weights_only)),
         ("tokenizer", str(tokenizer_dir)),
         ("config", str(weights_only)),
         ("model", str(weights_only)),
@@ -76,8 +78,10 @@ def test_tokenizer_revision_remote_code_attention_and_dtype_reach_the_loaders(
     model_kwargs = ours[-1][2]
     assert model_kwargs["dtype"] == torch.bfloat16
     assert model_kwargs["config"]._attn_implementation == "eager"
-    # the run directory carries the tokenizer it used
-    assert transformers.AutoTokenizer.from_pretrained(run).model_max_length == 77
+    # the run directory carries the tokenizer it used (its vocabulary; model_max_length 77 becomes the
+    # length the run trained at, task.max_length = 32, so that pipeline(truncation=True) cuts there)
+    saved_tokenizer = transformers.AutoTokenizer.from_pretrained(run)
+    assert saved_tokenizer.model_max_length == 32
     with safe_open(str(run / "adapter_model.safetensors"), "pt") as saved:
         heads = [saved.get_tensor(k) for k in saved.keys() if "classifier" in k]  # noqa: SIM118
     assert heads and all(t.dtype == torch.bfloat16 for t in heads)

@@ -124,8 +124,8 @@ def test_batch_size_sets_records_per_forward_pass(
     sizes: list[int] = []
     real = predicting.load_predictor
 
-    def counting(source: Any) -> Any:
-        task, ctx, model = real(source)
+    def counting(source: Any, **kwargs: Any) -> Any:
+        task, ctx, model = real(source, **kwargs)
         model.register_forward_pre_hook(
             lambda _m, _a, kw: sizes.append(kw["input_ids"].shape[0]), with_kwargs=True
         )
