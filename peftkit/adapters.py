@@ -421,3 +421,13 @@ def initialize_from_data(model: Any, dataloader: Any) -> bool:
     model.train(was_training)
     logger.info("EVA: LoRA weights initialised from the SVD of the layers' inputs on the training data")
     return True
+
+
+def meta_adapter_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``[adapter]`` as the meta-device build takes it: data- and weight-dependent inits (PiSSA, OLoRA,
+    LoftQ, EVA) give the same shapes as the default init but cannot run on meta tensors (no SVD, no QR);
+    AdaLoRA without total_step gets a placeholder schedule (finetune fills in the planned steps)."""
+    options = dict(options)
+    if options.get("init_lora_weights") not in (None, True, False, "gaussian", "orthogonal"):
+        options["init_lora_weights"] = True
+    return fill_planned_steps(options, int(options.get("tinit", 0)) + int(options.get("tfinal", 0)) + 1)

@@ -129,7 +129,7 @@ def plan_recipe(recipe: Recipe, seq_len: int | None = None, device: str | None =
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    from peftkit.adapters import apply_adapter
+    from peftkit.adapters import apply_adapter, meta_adapter_options
     from peftkit.data import load_raw_datasets
     from peftkit.modeling import load_stack
 
@@ -213,18 +213,6 @@ def plan_recipe(recipe: Recipe, seq_len: int | None = None, device: str | None =
         baseline_bytes=baseline,
         padding=padding,
     )
-
-
-def meta_adapter_options(options: dict[str, Any]) -> dict[str, Any]:
-    """``[adapter]`` as the meta-device build takes it: data- and weight-dependent inits (PiSSA, OLoRA,
-    LoftQ, EVA) give the same shapes as the default init but cannot run on meta tensors (no SVD, no QR);
-    AdaLoRA without total_step gets a placeholder schedule (finetune fills in the planned steps)."""
-    from peftkit.adapters import fill_planned_steps
-
-    options = dict(options)
-    if options.get("init_lora_weights") not in (None, True, False, "gaussian", "orthogonal"):
-        options["init_lora_weights"] = True
-    return fill_planned_steps(options, int(options.get("tinit", 0)) + int(options.get("tfinal", 0)) + 1)
 
 
 def training_length(cfg: Any, model_config: Any) -> int:

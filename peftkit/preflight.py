@@ -155,7 +155,7 @@ def _check_adapter(
     from peft import get_peft_model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from peftkit.adapters import build_peft_config
+    from peftkit.adapters import build_peft_config, meta_adapter_options
 
     options = recipe.adapter
     names = [name for name, _ in model.named_modules() if name]
@@ -193,7 +193,8 @@ def _check_adapter(
     if len(problems) > before:
         return []
     try:
-        peft_config = build_peft_config(options, task, model, model_config)
+        # data- and weight-dependent inits (PiSSA, EVA ...) cannot run on meta tensors; same shapes
+        peft_config = build_peft_config(meta_adapter_options(options), task, model, model_config)
         adapted = get_peft_model(model, peft_config)
     except (ValueError, TypeError) as exc:
         text = _first_line(exc)

@@ -646,7 +646,8 @@ def _train_section(
 # key -> (rule the value must meet, what it must be, how to fix it)
 _POSITIVE_INT = (lambda v: v >= 1, "must be at least 1", "use 1 or more")
 TRAIN_VALUE_RULES: dict[str, tuple[Any, str, str]] = {
-    "learning_rate": (lambda v: v > 0, "must be a positive number", "use e.g. 2e-4"),
+    # 0 is allowed: a run with learning_rate = 0 measures the untuned model through the same pipeline
+    "learning_rate": (lambda v: v >= 0, "must be zero or a positive number", "use e.g. 2e-4"),
     "per_device_train_batch_size": _POSITIVE_INT,
     "per_device_eval_batch_size": _POSITIVE_INT,
     "gradient_accumulation_steps": _POSITIVE_INT,
