@@ -794,6 +794,18 @@ def _chat_prompts(chunk: list[dict[str, Any]], start: int, ctx: TaskContext) -> 
     return {"input_ids": prompts, "attention_mask": [[1] * len(ids) for ids in prompts]}
 
 
+def _source_prompts(chunk: list[dict[str, Any]], start: int, ctx: TaskContext) -> dict[str, Any]:
+    """Predict features of ``{source}`` records (and the prompt template's other fields)."""
+    for offset, record in enumerate(chunk):
+        if not isinstance(record.get("source"), str) or not record["source"].strip():
+            raise DataError(
+                f"record {start + offset}: no 'source' text ({record.get('source')!r}); each record "
+                "needs one (map another field with [data] columns = {source = '<field>'})"
+            )
+    columns = ("source", *(f for f in ctx.cfg.template_fields if all(f in r for r in chunk)))
+    return preprocess({c: [r[c] for r in chunk] for c in columns}, ctx, train=False)
+
+
 def predict(model: Any, ctx: TaskContext, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Generate for records ``{source}`` (or ``{messages}`` with ``[task] chat``: the reply after the last
     user turn): ``{"prediction": text}`` each; generation stops at EOS (chat: the end-of-turn token)."""
@@ -803,23 +815,7 @@ def predict(model: Any, ctx: TaskContext, records: list[dict[str, Any]]) -> list
     size = ctx.cfg.predict_batch_size
     for start in range(0, len(records), size):
         chunk = records[start : start + size]
-        if ctx.cfg.chat:
-            features = _chat_prompts(chunk, start, ctx)
-            rows = [{k: v[i] for k, v in features.items()} for i in range(len(chunk))]
-            batch = collate(rows)
-            generated = generate_from_prompts(
-                model, batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
-            )
-            results += [{"prediction": text} for text in decode_token_ids(generated.cpu(), ctx.tokenizer)]
-            continue
-        for offset, record in enumerate(chunk):
-            if not isinstance(record.get("source"), str) or not record["source"].strip():
-                raise DataError(
-                    f"record {start + offset}: no 'source' text ({record.get('source')!r}); each record "
-                    "needs one (map another field with [data] columns = {source = '<field>'})"
-                )
-        columns = ("source", *(f for f in ctx.cfg.template_fields if all(f in r for r in chunk)))
-        features = preprocess({c: [r[c] for r in chunk] for c in columns}, ctx, train=False)
+        features = _chat_prompts(chunk, start, ctx) if ctx.cfg.chat else _source_prompts(chunk, start, ctx)
         rows = [{k: v[i] for k, v in features.items()} for i in range(len(chunk))]
         batch = collate(rows)
         generated = generate_from_prompts(
