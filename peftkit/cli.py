@@ -54,7 +54,7 @@ def _quiet_libraries(recipe: Any = None) -> None:
     4-bit settings decide which library notices apply; see :mod:`peftkit.console`)."""
     import warnings
 
-    from peftkit.console import quiet_libraries
+    from peftkit.console import configure_library, quiet_libraries
 
     quantization = getattr(recipe, "quantization", None)
     quiet_libraries(
@@ -66,15 +66,14 @@ def _quiet_libraries(recipe: Any = None) -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     # EncoderDecoderModel warns on every forward with labels about a change made in transformers 4.12
     warnings.filterwarnings("ignore", message=r"Version v4\.12\.0 introduces", category=FutureWarning)
-    try:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        import datasets
-
-        datasets.utils.logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
+    configure_library(
+        "transformers",
+        {"TRANSFORMERS_VERBOSITY": "error"},
+        lambda m: m.utils.logging.set_verbosity_error(),
+    )
+    configure_library(
+        "datasets", {"DATASETS_VERBOSITY": "error"}, lambda m: m.utils.logging.set_verbosity_error()
+    )
 
 
 def user_errors(func: F) -> F:

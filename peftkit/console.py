@@ -8,8 +8,10 @@ Imports nothing heavy at module level; the CLI calls :func:`quiet_libraries` bef
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
+from typing import Any
 
 # deepspeed (imported by accelerate on every Trainer) logs this on any machine without CUDA, once per
 # process; on a CPU run that is simply the truth. Kept when the recipe uses DeepSpeed.
@@ -70,13 +72,28 @@ def quiet_libraries(*, deepspeed: bool = False, four_bit: bool = False) -> None:
     drop_notices(deepspeed=deepspeed, four_bit=four_bit)
     if progress_bars_fit():
         return
-    try:
-        import datasets
-        import huggingface_hub.utils
-        import transformers
+    configure_library(
+        "datasets", {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}, lambda m: m.disable_progress_bars()
+    )
+    configure_library(
+        "transformers",
+        {"HF_HUB_DISABLE_PROGRESS_BARS": "1"},
+        lambda m: m.utils.logging.disable_progress_bar(),
+    )
+    configure_library(
+        "huggingface_hub",
+        {"HF_HUB_DISABLE_PROGRESS_BARS": "1"},
+        lambda m: m.utils.disable_progress_bars(),
+    )
 
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
-        huggingface_hub.utils.disable_progress_bars()
-    except ImportError:  # pragma: no cover
-        pass
+
+def configure_library(module: str, environment: dict[str, str], configure: Any) -> None:
+    """Configure a library now if this process has imported it, else through the environment variables
+    it reads when it is imported (importing transformers or datasets only to configure them costs seconds
+    of a command that may never need them, such as ``validate`` of a recipe with a typo). A variable the
+    user set is kept."""
+    if module in sys.modules:
+        configure(sys.modules[module])
+        return
+    for name, value in environment.items():
+        os.environ.setdefault(name, value)

@@ -11,7 +11,6 @@ Importing this module is cheap (no torch); checks against transformers/peft impo
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import json
 import math
@@ -28,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from peftkit.adapters import METHODS, is_pissa_niter, method_problems
 from peftkit.errors import Problem, RecipeError, did_you_mean
+from peftkit.recipe import field_table
 from peftkit.recipe.sweep_table import SWEEP_KEYS as SWEEP_KEYS  # the schema: [sweep]'s keys
 from peftkit.recipe.sweep_table import check_sweep_table, parse_sweep_table
 from peftkit.tasks import TASKS
@@ -1038,9 +1038,7 @@ def _check_report_to(report_to: Any, problems: list[Problem]) -> None:
     wanted = [name for name in names if name not in ("none", "all")]
     if not wanted:
         return
-    from transformers.integrations import get_available_reporting_integrations
-
-    available = set(get_available_reporting_integrations())
+    available = _available_integrations(set(wanted))
     if _installed("flytekit"):
         available.add("flyte")
     for name in wanted:
@@ -1120,6 +1118,52 @@ def _zero_stage(config_path: str | None) -> int | None:
     return stage if isinstance(stage, int) else None
 
 
+# report_to name -> the modules transformers looks for (any one); with none of them found the integration is
+# not available, and for the names in INTEGRATIONS_FOUND_IS_AVAILABLE finding one is all transformers checks
+# (transformers/integrations/integration_utils.py, is_<name>_available)
+INTEGRATION_MODULES = {
+    "azure_ml": ("azureml",),
+    "clearml": ("clearml",),
+    "codecarbon": ("codecarbon",),
+    "comet_ml": ("comet_ml",),
+    "dagshub": ("dagshub",),
+    "dvclive": ("dvclive",),
+    "flyte": ("flytekit",),
+    "mlflow": ("mlflow",),
+    "neptune": ("neptune",),
+    "swanlab": ("swanlab",),
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "trackio": ("trackio",),
+    "wandb": ("wandb",),
+}
+INTEGRATIONS_FOUND_IS_AVAILABLE = {
+    "clearml",
+    "codecarbon",
+    "dvclive",
+    "flyte",
+    "swanlab",
+    "tensorboard",
+    "trackio",
+}
+
+
+def _available_integrations(wanted: set[str]) -> set[str]:
+    """Which of ``wanted`` transformers' Trainer can report to. Importing transformers.integrations costs
+    as much as the rest of ``validate`` (torch and transformers' Trainer), so it is asked only when a
+    wanted integration's module is installed and transformers checks more than that."""
+    found = {
+        name
+        for name in wanted
+        if name in REPORT_TO_PACKAGES  # kubeflow is an environment setting: transformers answers
+        and any(_installed(m) for m in INTEGRATION_MODULES.get(name, ("transformers",)))
+    }
+    if found <= INTEGRATIONS_FOUND_IS_AVAILABLE:
+        return found
+    from transformers.integrations import get_available_reporting_integrations
+
+    return set(get_available_reporting_integrations())
+
+
 def _installed(module: str) -> bool:
     import importlib.util
 
@@ -1139,42 +1183,15 @@ def _cuda_available() -> bool:
 
 
 def _training_fields(task: TaskConfig | None) -> dict[str, Any]:
-    args_cls = _training_args_class(task)
-    hints = _type_hints(args_cls)
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(args_cls) if f.init}
+    return field_table.training_fields(str(getattr(task, "type", "")) if task is not None else None)
 
 
 def _seq2seq_only_fields() -> set[str]:
-    from transformers import Seq2SeqTrainingArguments, TrainingArguments
-
-    return {f.name for f in dataclasses.fields(Seq2SeqTrainingArguments)} - {
-        f.name for f in dataclasses.fields(TrainingArguments)
-    }
-
-
-def _training_args_class(task: TaskConfig | None) -> Any:
-    if task is not None:
-        factory = TASKS[str(getattr(task, "type", ""))].training_args_class
-        if factory is not None:
-            return factory()
-    from transformers import TrainingArguments
-
-    return TrainingArguments
+    return set(field_table.training_fields("seq2seq")) - set(field_table.training_fields(None))
 
 
 def _peft_fields(method: str) -> dict[str, Any]:
-    import peft
-
-    cls = getattr(peft, ADAPTER_METHODS[method])
-    hints = _type_hints(cls)
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
-
-
-def _type_hints(cls: Any) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(cls)
-    except Exception:  # forward references that do not resolve: fall back to no type check
-        return {}
+    return field_table.peft_fields(ADAPTER_METHODS[method])
 
 
 def check_value(value: Any, annotation: Any) -> str:

@@ -106,7 +106,11 @@ CASES: list[tuple[str, dict[str, dict[str, Any]], str, list[str], list[str]]] = 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny BERT without weights (config + tokenizer only) and the same with weights, and training data."""
-    root = tmp_path_factory.mktemp("hostile-recipes")
+    return write_models(tmp_path_factory.mktemp("hostile-recipes"))
+
+
+def write_models(root: Path) -> dict[str, Path]:
+    """The cases' inputs in ``root`` (also used by scripts/bench_validate.py)."""
     full = save_tiny_bert(root / "bert")
     bare = root / "bert-no-weights"
     bare.mkdir()
