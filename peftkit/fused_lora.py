@@ -5,9 +5,11 @@ autograd keeps, for every adapted layer, the dropout mask (fp32 on CPU) and the 
 ``x``; q, k and v read the same hidden states, so the input is copied three times. :class:`FusedLoraLinear`
 computes the same forward with the same ops, drawing the mask from the same generator at the same point
 (after the base layer, as peft does), and saves only the input ``x`` (the tensor the caller already holds,
-shared by every layer that reads it), the generator state before the mask was drawn, and ``h = A·dropout(x)``
-(``r`` values per token). The backward regenerates the mask from the saved state and computes the gradients
-of A, B and x from it. A training run is the same run as with peft's layers (tests/integration/
+shared by every layer that reads it), the mask as bits (one bit an element, 1/32 of peft's fp32 mask), and
+``h = A·dropout(x)`` (``r`` values per token). The backward unpacks the mask and computes the gradients of A,
+B and x from it. Drawing the mask again from a saved generator state would save those bits, but on CPU
+``bernoulli_`` draws serially (8-20 ns an element, measured in docs/memory.md), about 5 times what packing
+and unpacking cost, so the bits are kept. A training run is the same run as with peft's layers (tests/integration/
 test_fused_lora.py; docs/memory.md).
 
 :func:`install` swaps the ``forward`` of each eligible ``lora.Linear`` of a peft model (plain LoRA, rsLoRA;
@@ -35,14 +37,6 @@ logger = logging.getLogger(__name__)
 _ATTRIBUTE = "_peftkit_fused_lora"
 
 
-def _generator(device: torch.device) -> torch.Generator:
-    """The generator ``F.dropout`` draws from on ``device`` (torch's default CPU or CUDA generator)."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return torch.cuda.default_generators[index]
-    return torch.default_generator
-
-
 def _scaled_mask(like: torch.Tensor, p: float) -> torch.Tensor:
     """The dropout mask ``F.dropout(like, p, True)`` multiplies by: 0 or 1/(1-p), drawn from the default
     generator exactly as ``F.dropout`` draws it. On CPU ``at::dropout`` draws ``bernoulli_(1 - p)`` into a
@@ -53,9 +47,32 @@ def _scaled_mask(like: torch.Tensor, p: float) -> torch.Tensor:
     return F.dropout(torch.ones_like(like), p, True)
 
 
+# 8 bools (one byte each, 0/1) → one byte: the little-endian int64 of the 8 bytes times this constant has them
+# in its top byte, the first bool in the highest bit (the wrap-around of the product is intended)
+_PACK = 0x8040201008040201 - (1 << 64)
+
+
+def _pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The mask's kept positions as bits, 8 to a byte (uint8, numel/8 rounded up)."""
+    bits = mask.reshape(-1).ne(0)
+    pad = (-bits.numel()) % 8
+    if pad:
+        bits = torch.cat([bits, bits.new_zeros(pad)])
+    words = bits.view(torch.uint8).view(torch.int64)
+    return (words * _PACK).bitwise_right_shift_(56).bitwise_and_(0xFF).to(torch.uint8)
+
+
+def _unpack_mask(packed: torch.Tensor, like: torch.Tensor, p: float) -> torch.Tensor:
+    """The scaled mask ``_scaled_mask`` drew (0 or 1/(1-p), bit for bit), shaped and typed like ``like``."""
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    bits = packed.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1).view(-1)[: like.numel()]
+    keep = torch.ones((), dtype=like.dtype, device=like.device).div_(1 - p)  # the value at::dropout scales by
+    return bits.view(like.shape).to(like.dtype).mul_(keep)
+
+
 class FusedLoraLinear(torch.autograd.Function):
-    """``base(x) + scaling · B(A(dropout(x)))``, peft's LoRA linear, saving ``x``, the generator state and
-    ``h = A·dropout(x)`` instead of the mask and the dropped input."""
+    """``base(x) + scaling · B(A(dropout(x)))``, peft's LoRA linear, saving ``x``, the mask's bits and
+    ``h = A·dropout(x)`` instead of the fp32 mask and the dropped input."""
 
     @staticmethod
     def forward(
@@ -75,10 +92,12 @@ class FusedLoraLinear(torch.autograd.Function):
         # the order of peft's lora.Linear.forward: the base layer, then the cast and the dropout draw
         base = F.linear(x, weight, bias)
         xl = x.to(lora_a.dtype) if cast and x.dtype != lora_a.dtype else x
-        state = None
+        bits = None
         if p > 0:
-            state = _generator(x.device).get_state()
-            xd = _scaled_mask(xl, p).mul_(xl)  # mask · x in the mask's buffer: x · mask, bit for bit
+            mask = _scaled_mask(xl, p)
+            bits = _pack_mask(mask)  # 1 bit an element: cheaper to keep than to draw again on CPU
+            xd = mask.mul_(xl)  # mask · x in the mask's buffer: x · mask, bit for bit
+            del mask
         else:
             xd = xl
         h = F.linear(xd, lora_a)
@@ -95,14 +114,14 @@ class FusedLoraLinear(torch.autograd.Function):
             total = base + lora
             out = total.to(base.dtype)
             lora_dtype, total_dtype = lora.dtype, total.dtype
-        ctx.save_for_backward(x, weight, lora_a, lora_b, h)
-        ctx.state, ctx.p, ctx.scaling = state, p, scaling
+        ctx.save_for_backward(x, weight, lora_a, lora_b, h, bits)
+        ctx.p, ctx.scaling = p, scaling
         ctx.dtypes = (base.dtype, xl.dtype, lora_dtype, total_dtype)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, lora_a, lora_b, h = ctx.saved_tensors
+        x, weight, lora_a, lora_b, h, bits = ctx.saved_tensors
         base_dtype, xl_dtype, lora_dtype, total_dtype = ctx.dtypes
         enabled, dtype, device = ctx.autocast
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
@@ -110,23 +129,19 @@ class FusedLoraLinear(torch.autograd.Function):
         with torch.autocast(device_type=device, dtype=dtype, enabled=enabled):
             g = grad.reshape(-1, grad.shape[-1]).to(total_dtype)
             h2 = h.reshape(-1, h.shape[-1])
+            # the rank-r products are computed transposed, (hᵀ·g)ᵀ and (Bᵀ·gᵀ)ᵀ: MKL's skinny GEMMs are
+            # 2-9 times faster in that layout on CPU (the benchmark: docs/memory.md)
             if one_dtype:  # scaling applied to the small rank-r products, not to the whole gradient
-                grad_b = g.t().mm(h2).mul_(ctx.scaling) if need_b else None
-                gh = g.mm(lora_b).mul_(ctx.scaling) if need_x or need_a else None
+                grad_b = h2.t().mm(g).mul_(ctx.scaling).t() if need_b else None
+                gh = lora_b.t().mm(g.t()).mul_(ctx.scaling).t() if need_x or need_a else None
             else:
                 t = g.to(lora_dtype) * ctx.scaling  # the gradient of B(A(dropout(x)))
-                grad_b = t.t().mm(h2) if need_b else None
-                gh = t.mm(lora_b) if need_x or need_a else None  # under autocast, mm casts as forward's did
+                grad_b = h2.t().mm(t).t() if need_b else None
+                gh = lora_b.t().mm(t.t()).t() if need_x or need_a else None  # autocast casts as forward's
             grad_x = grad_a = None
             if gh is not None:
                 xl = x.reshape(-1, x.shape[-1]).to(xl_dtype)
-                mask = None
-                if ctx.p > 0:
-                    generator = _generator(x.device)
-                    now = generator.get_state()
-                    generator.set_state(ctx.state)
-                    mask = _scaled_mask(xl, ctx.p)
-                    generator.set_state(now)
+                mask = _unpack_mask(bits, xl, ctx.p) if bits is not None else None
                 if need_x:
                     gxl = gh.mm(lora_a)  # the gradient of dropout(x), then of x through the mask
                     if mask is not None:

@@ -461,9 +461,10 @@ def layer_activation_floats(
     attention output, the FFN up and down projections; frozen weights keep none. A LoRA linear keeps its
     dropout's mask and dropped-out input copy (or just its input without dropout) and the rank-r ``A·x``.
     Without attention dropout one score-sized tensor is assumed (not measured). On the fused path
-    (peftkit.fused_lora) a LoRA linear keeps its input (one shared by q/k/v, as in full fine-tuning) and
-    ``A·dropout(x)``; its mask (holding the dropped copy) and bernoulli_'s int32 draw are temporaries,
-    the mask regenerated in the backward pass, and its output is the base layer's.
+    (peftkit.fused_lora) a LoRA linear keeps its input (one shared by q/k/v, as in full fine-tuning),
+    ``A·dropout(x)`` and its dropout mask as bits (1/32 of a float an element, rounded up to whole floats);
+    the float mask (holding the dropped copy) and bernoulli_'s draw are temporaries, and its output is the
+    base layer's.
     """
     role_inputs = {"qkv": hidden, "o": hidden, "up": hidden, "down": inter}
     attention_copies = 3 if attention_dropout else 1
@@ -477,7 +478,9 @@ def layer_activation_floats(
             # the output is the base layer's (one GEMM adds scaling · h·Bᵀ into it); the mask, into which
             # the dropped input is written, and the int32 draw bernoulli_ fills first are freed
             saved_inputs.add(role)
-            lora_temporaries += 2 * role_inputs[role] if lora_dropout else 0
+            if lora_dropout:
+                saved += -(-role_inputs[role] // 32)  # the mask's bits
+                lora_temporaries += 2 * role_inputs[role]
             continue
         lora_temporaries += 3 * (inter if role == "up" else hidden)  # B·A·x, its scaled copy, the sum
         if lora_dropout:
@@ -561,7 +564,8 @@ def cuda_layer_saved_bytes(
     GELU's input and the 1-byte masks of the two hidden dropouts; that variant is assembled from the same
     rules, not counted separately. On the fused path (``fused_lora``, peftkit.fused_lora) a LoRA linear
     keeps the layer's input itself (one tensor for q/k/v; o's input is the attention output the
-    flash/memory-efficient kernels save anyway) and ``A·x``; no cast copy, no mask.
+    flash/memory-efficient kernels save anyway), ``A·x`` and, with dropout, the mask as bits (one byte per
+    8 elements); no cast copy.
     """
     a = act_bytes
     head_dim = hidden // max(heads, 1)
@@ -578,7 +582,7 @@ def cuda_layer_saved_bytes(
     saved += 2 * hidden if hidden_dropout and not decoder else 0  # bool masks
     for role in adapted:
         if fused_lora:
-            saved += lora_act_bytes * rank
+            saved += lora_act_bytes * rank + (role_inputs[role] // 8 if lora_dropout else 0)  # mask bits
         else:
             saved += lora_act_bytes * (role_inputs[role] + rank) + (role_inputs[role] if lora_dropout else 0)
     if fused_lora:

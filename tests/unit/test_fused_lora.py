@@ -69,8 +69,8 @@ def _step(layer: Any, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict[st
 @pytest.mark.parametrize("rslora", [False, True])
 def test_same_output_and_gradients_as_peft_and_fewer_saved_bytes(rslora: bool) -> None:
     """One layer, dropout 0.1, the same seed: peft's forward and the fused one give the same output (the
-    same mask drawn at the same point), the same gradients, and the fused one saves only ``h = A·x`` besides
-    the input, where peft saves the mask and the dropped input."""
+    same mask drawn at the same point), the same gradients, and the fused one saves only ``h = A·x`` and the
+    mask's bits besides the input, where peft saves the fp32 mask and the dropped input."""
     _, layer = _peft_layer(use_rslora=rslora)
     layer.train()
     x = torch.randn(3, 7, 16)
@@ -81,9 +81,10 @@ def test_same_output_and_gradients_as_peft_and_fewer_saved_bytes(rslora: bool) -
     out, grads, fused_saved = _step(layer, x, seed=5)
     assert torch.equal(out, ref_out)
     for name, ref in ref_grads.items():
-        assert torch.allclose(grads[name], ref, rtol=1e-6, atol=1e-7), name
+        # the backward's rank-r products run in another GEMM layout than peft's: rounding apart, equal
+        assert (grads[name] - ref).abs().max() <= 1e-6 * ref.abs().max(), name
     assert ref_saved >= 2 * x.numel() * 4  # mask + dropped input
-    assert fused_saved == 3 * 7 * 4 * 4  # h: tokens × r floats
+    assert fused_saved == 3 * 7 * 4 * 4 + 3 * 7 * 16 // 8  # h: tokens × r floats; the mask: a bit an element
     # evaluation (no grad) and uninstall go back to peft's forward
     with torch.no_grad():
         layer.eval()
