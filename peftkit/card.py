@@ -73,7 +73,9 @@ def run_report(run_dir: Path, recipe: Mapping[str, Any], task: Any, ctx: Any) ->
 def inference_record(task: Any, ctx: Any, recipe: Mapping[str, Any]) -> dict[str, Any]:
     """The task's inference settings (``Task.inference_settings``) and the length inputs are cut at."""
     table = recipe.get("task") or {}
-    length = table.get("max_length") or table.get("max_source_length")
+    if table.get("max_source_length"):  # seq2seq: the source text is cut, then put in the prompt
+        return {"max_source_length": table["max_source_length"], **task.inference_settings(ctx)}
+    length = table.get("max_length")
     return {**({"max_length": length} if length else {}), **task.inference_settings(ctx)}
 
 
@@ -279,6 +281,11 @@ def _inference_section(report: Mapping[str, Any]) -> list[str]:
         lines.append(
             f"- inputs were cut at {settings['max_length']} tokens in training and evaluation: the "
             "tokenizer's `model_max_length`; pass `truncation=True` to cut there too"
+        )
+    if settings.get("max_source_length"):
+        lines.append(
+            f"- sources were cut at {settings['max_source_length']} tokens before the prompt was built "
+            "(training and evaluation); cut longer inputs the same way"
         )
     if settings.get("aggregation_strategy"):
         lines.append(

@@ -101,7 +101,11 @@ def finetune(
             run.dir,
             task.best_metric(recipe.task)[0],
             main=run.main,
-            model_max_length=getattr(recipe.task, "max_length", None),
+            # seq2seq cuts the source text (max_source_length) before the prompt is built, and ignores
+            # max_length: no length of the rendered prompt to record
+            model_max_length=None
+            if hasattr(recipe.task, "max_source_length")
+            else getattr(recipe.task, "max_length", None),
             base_weights=bool(recipe.train.get("save_base_weights", True)),
             base_record=runs.base_model_record(recipe, run.dir),
             system_prompt=task.inference_settings(ctx).get("system_prompt"),

@@ -101,6 +101,7 @@ def test_a_chat_card_names_the_system_prompt_and_prompts_through_messages() -> N
         "task": "seq2seq",
         "model_class": "AutoModelForCausalLM",
         "inference": {
+            "max_source_length": 48,
             "chat_template": True,
             "chat": False,
             "system_prompt": "Translate.",
@@ -112,6 +113,9 @@ def test_a_chat_card_names_the_system_prompt_and_prompts_through_messages() -> N
     assert 'system prompt: "Translate."; the saved chat template adds it' in card
     assert 'messages = [{"role": "user", "content": "Good morning, how are you?"}]' in card
     assert "max_new_tokens 48" in card
+    assert (
+        "sources were cut at 48 tokens before the prompt was built" in card and "model_max_length" not in card
+    )
 
 
 @pytest.mark.parametrize("prompt", ['Say "hola".', "Two\nlines, a \\ and {{ braces }} %} and ü"])
