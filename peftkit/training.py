@@ -45,6 +45,7 @@ def finetune(
         fill_planned_steps,
         initialize_from_data,
     )
+    from peftkit.card import write_run_card
     from peftkit.data import data_fingerprints, is_labelled, load_raw_datasets, tokenize_splits
     from peftkit.evaluation import evaluate_split
     from peftkit.lifecycle import run_lifecycle
@@ -100,8 +101,14 @@ def finetune(
             run.dir,
             task.best_metric(recipe.task)[0],
             main=run.main,
-            model_max_length=getattr(recipe.task, "max_length", None),
+            # seq2seq cuts the source text (max_source_length) before the prompt is built, and ignores
+            # max_length: no length of the rendered prompt to record
+            model_max_length=None
+            if hasattr(recipe.task, "max_source_length")
+            else getattr(recipe.task, "max_length", None),
             base_weights=bool(recipe.train.get("save_base_weights", True)),
+            base_record=runs.base_model_record(recipe, run.dir),
+            system_prompt=task.inference_settings(ctx).get("system_prompt"),
         )
         # evaluate the kept (best) model on validation and test; a split without labels is only predicted
         # transformers' PrinterCallback (the log without progress bars) pops total_flos from the very dict
@@ -137,14 +144,10 @@ def finetune(
             metrics["resumed_from"] = str(run.checkpoint)
         # SHA-256 of what was saved and the base model's fingerprint: checked by every command loading the run
         integrity = run.main_only(runs.integrity_record, run.dir, saved, recipe.model)
-        run.complete(
-            task.name,
-            ctx.labels,
-            metrics,
-            trainer.state.log_history,
-            data_fingerprints(raw, task),
-            integrity=integrity,
-        )
+        data = data_fingerprints(raw, task)
+        # the run's own card (Hub metadata, a usage snippet for this folder) in place of peft's template
+        run.main_only(write_run_card, run.dir, recipe.to_dict(), task, ctx, metrics, data)
+        run.complete(task.name, ctx.labels, metrics, trainer.state.log_history, data, integrity=integrity)
     return RunResult(run_dir=run.dir, metrics=metrics, kept=kept_model(trainer.state, args))
 
 

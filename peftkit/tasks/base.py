@@ -52,6 +52,10 @@ class TaskContext:
         return {name: i for i, name in enumerate(self.labels or ())}
 
 
+def _no_inference_settings(ctx: Any) -> dict[str, Any]:
+    return {}
+
+
 def _no_pipeline(model_config: Any) -> str | None:
     return None
 
@@ -103,6 +107,10 @@ class Task:
     pipeline_task: Callable[[Any], str | None] = _no_pipeline
     # a line for the model card's usage example (a ``#`` comment), when the task needs one
     usage_note: str = ""
+    # ctx -> how a deployable must be called to predict as peftkit does, for model cards and saved configs:
+    # ``aggregation_strategy`` (token-classification pipeline), ``chat_template`` (decoder-only prompts go
+    # through it), ``system_prompt``, ``prompt_template``, ``source_prefix``, decoding settings
+    inference_settings: Callable[[TaskContext], dict[str, Any]] = _no_inference_settings
     # the output names of the merged model's ONNX graph; () when the task is not exported to ONNX
     onnx_outputs: tuple[str, ...] = ()
     # the canonical columns ``predict`` reads from an input record

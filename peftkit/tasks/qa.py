@@ -579,6 +579,18 @@ def predict(model: Any, ctx: TaskContext, records: list[dict[str, Any]]) -> list
     return [{"prediction": d.text, "start": d.start, "end": d.end, "score": d.score} for d in decoded]
 
 
+def inference_settings(ctx: TaskContext) -> dict[str, Any]:
+    """The span decoding of :func:`postprocess_qa_predictions`, which a user of the weights must repeat."""
+    cfg: QAConfig = ctx.cfg
+    return {
+        "doc_stride": cfg.doc_stride,
+        "n_best_size": cfg.n_best_size,
+        "max_answer_length": cfg.max_answer_length,
+        "version_2_with_negative": cfg.version_2_with_negative,
+        "null_score_diff_threshold": cfg.null_score_diff_threshold,
+    }
+
+
 def _model_class(model_config: Any) -> Any:
     from transformers import AutoModelForQuestionAnswering
 
@@ -629,6 +641,7 @@ TASK = Task(
     score_scale="0-100",
     title="extractive question answering",
     usage_note="# transformers 5 has no question-answering pipeline: `peftkit predict` decodes spans",
+    inference_settings=inference_settings,
     onnx_outputs=("start_logits", "end_logits"),
     input_columns=("id", "question", "context"),
     predict_requires=(("question",), ("context",)),

@@ -858,6 +858,24 @@ def _produced_metrics(cfg: Seq2SeqConfig) -> tuple[str, ...]:
     return (*names, "gen_len")
 
 
+def inference_settings(ctx: TaskContext) -> dict[str, Any]:
+    """How prompts are built: the chat template (with the system prompt) for a decoder-only model that uses
+    one, else the prompt template or the source prefix; the generation settings are in generation_config."""
+    cfg: Seq2SeqConfig = ctx.cfg
+    if uses_chat_template(ctx):
+        return {
+            "chat_template": True,
+            "chat": cfg.chat,
+            "system_prompt": cfg.system_prompt,
+            "prompt_template": None if cfg.chat else cfg.prompt_template or SOURCE_PLACEHOLDER,
+        }
+    return {
+        "chat_template": False,
+        "prompt_template": cfg.prompt_template,
+        "source_prefix": cfg.source_prefix or None,
+    }
+
+
 def _pipeline_task(model_config: Any) -> str | None:
     # decoder-only; encoder-decoder models have no pipeline in transformers 5
     return None if is_encoder_decoder(model_config) else "text-generation"
@@ -886,6 +904,7 @@ TASK = Task(
     training_args_class=_training_args_class,
     title="text-to-text generation",
     pipeline_task=_pipeline_task,
+    inference_settings=inference_settings,
     input_columns=("source", "messages"),
     predict_requires=(("messages", "source"),),  # a conversation, or a text (a .txt line fills source)
     score_example=score_example,

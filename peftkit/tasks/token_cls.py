@@ -630,6 +630,14 @@ def predict(model: Any, ctx: TaskContext, records: list[dict[str, Any]]) -> list
     return results
 
 
+def inference_settings(ctx: TaskContext) -> dict[str, Any]:
+    """Entity tags: the token-classification pipeline's ``aggregation_strategy="first"`` reads each word's tag
+    at its first sub-token, as training and :func:`predict` do, and groups the words into entities."""
+    if resolve_scheme(ctx.cfg.scheme, ctx.labels or ()) == "none":
+        return {"word_tag": "first sub-token"}
+    return {"aggregation_strategy": "first", "word_tag": "first sub-token"}
+
+
 def _model_class(model_config: Any) -> Any:
     from transformers import AutoModelForTokenClassification
 
@@ -683,6 +691,7 @@ TASK = Task(
     primary_metric="f1",
     title="token classification",
     pipeline_task=lambda model_config: "token-classification",
+    inference_settings=inference_settings,
     onnx_outputs=("logits",),
     input_columns=("tokens",),
     predict_requires=(("tokens", "text"),),

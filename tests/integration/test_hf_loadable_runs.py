@@ -3,9 +3,12 @@
 Tiny runs of every task (the builders of test_merge_tasks.py). A fresh Python process that never imports
 peftkit loads each run directory with ``AutoModelFor<Task>.from_pretrained(run_dir)`` (and ``pipeline()``
 where transformers 5 has one for the task) and reproduces the run's ``predictions_test.jsonl`` with its label
-names. QA: transformers' loader and peft's generic ``AutoPeftModel`` give the merged model's logits (peft's QA
-wrapper would drop ``token_type_ids``). A copied run directory whose base folder is gone still predicts and
-merges. A planted 1e-3 error in one merged weight fails the scale-aware merge check.
+names: NER entities through ``aggregation_strategy="first"``, QA answers by decoding the start/end logits with
+the run's settings, the decoder-only model's generations through the text-generation pipeline and the saved
+chat template, which carries the run's system prompt. QA: transformers' loader and peft's generic
+``AutoPeftModel`` give the merged model's logits (peft's QA wrapper would drop ``token_type_ids``). A copied
+run directory whose base folder is gone still predicts and merges. A planted 1e-3 error in one merged weight
+fails the scale-aware merge check.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ from tests.integration.test_merge_tasks import (
 )
 
 CASES = ("seq_cls", "token_cls", "qa", "seq2seq_t5", "seq2seq_llama")
+SYSTEM = (
+    'Translate to "Spanish".'  # the tiny Llama run's system prompt (quotes: the template must escape them)
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +60,7 @@ def hf_runs(seq_cls_run: tuple[Path, Path], tmp_path_factory: pytest.TempPathFac
         "token_cls": _token_cls_run(work / "token_cls", tiny),
         "qa": _qa_run(work / "qa", tiny),
         "seq2seq_t5": _seq2seq_run(work / "seq2seq_t5", "t5"),
-        "seq2seq_llama": _seq2seq_run(work / "seq2seq_llama", "llama"),
+        "seq2seq_llama": _seq2seq_run(work / "seq2seq_llama", "llama", f"system_prompt = {SYSTEM!r}"),
     }
     out["qa_merged"] = merge_run(out["qa"], work / "qa-merged").out_dir
     return out
@@ -115,11 +121,26 @@ for words in conll_sentences(spec["token_cls"]["test_file"]):
             seen.add(word)
             tags[word] = model.config.id2label[ids[position]]
     predictions.append(tags)
-ner = pipeline("token-classification", model=run)
+def word_groups(words, tags):
+    # the pipeline's grouping of word tags (aggregation "first"): a B- tag or another type starts a group;
+    # groups of "O" are dropped. Returned as (type, first character, end character) of the joined text.
+    groups, position = [], 0
+    for word, tag in zip(words, tags):
+        bi, kind = (tag[0], tag[2:]) if tag[:2] in ("B-", "I-") else ("I", tag)
+        if groups and groups[-1][0] == kind and bi != "B":
+            groups[-1][2] = position + len(word)
+        else:
+            groups.append([kind, position, position + len(word)])
+        position += len(word) + 1
+    return [g for g in groups if g[0] != "O"]
+
+ner = pipeline("token-classification", model=run, aggregation_strategy="first")
+sentences = conll_sentences(spec["token_cls"]["test_file"])
+entities = ner([" ".join(words) for words in sentences])
 out["token_cls"] = {
     "auto": predictions, "saved": saved(run), "class": type(model).__name__,
-    "pipeline_labels": sorted({e["entity"] for r in ner(["Jane Austen wrote Pride and Prejudice in 1813 ."])
-                               for e in r}),
+    "pipeline_groups": [[[e["entity_group"], e["start"], e["end"]] for e in found] for found in entities],
+    "saved_groups": [word_groups(words, tags) for words, tags in zip(sentences, saved(run))],
     "id2label": model.config.id2label,
 }
 
@@ -150,6 +171,60 @@ for case, cls in (("seq2seq_t5", AutoModelForSeq2SeqLM), ("seq2seq_llama", AutoM
         generated.append(tokenizer.decode(output[0], skip_special_tokens=True).strip())
     out[case] = {"auto": generated, "saved": [s.strip() for s in saved(run)], "class": type(model).__name__,
                  "max_new_tokens": model.generation_config.max_new_tokens}
+    if not item["encoder_decoder"]:  # the pipeline, given the user turn only: the template adds the system
+        pipe = pipeline("text-generation", model=run)
+        replies = [pipe([{"role": "user", "content": item["template"].format(source=source)}])
+                   for source in item["sources"]]
+        out[case]["pipeline"] = [r[0]["generated_text"][-1]["content"].strip() for r in replies]
+        out[case]["rendered"] = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+
+def qa_answers(model, tokenizer, rows, settings):
+    # the run's decoding (its [task] settings), written out with plain numpy: windows of max_length tokens
+    # overlapping by doc_stride, the n-best starts and ends of the context, the lowest no-answer score
+    import numpy as np
+    answers = []
+    for row in rows:
+        encoded = tokenizer(row["question"].strip(), row["context"], truncation="only_second",
+                            max_length=settings["max_length"], stride=settings["doc_stride"],
+                            return_overflowing_tokens=True, return_offsets_mapping=True, padding=True,
+                            return_tensors="pt")
+        offsets = encoded.pop("offset_mapping").tolist()
+        encoded.pop("overflow_to_sample_mapping")
+        with torch.no_grad():
+            output = model(**encoded)
+        best, null = None, None
+        for window in range(len(encoded["input_ids"])):
+            length = int(encoded["attention_mask"][window].sum())
+            starts = output.start_logits[window][:length].double().numpy()
+            ends = output.end_logits[window][:length].double().numpy()
+            cls = encoded["input_ids"][window].tolist().index(tokenizer.cls_token_id)
+            null = min(null, starts[cls] + ends[cls]) if null is not None else starts[cls] + ends[cls]
+            valid = np.array([s == 1 for s in encoded.sequence_ids(window)[:length]])
+            top_starts = np.argsort(np.where(valid, starts, -np.inf))[::-1][:settings["n_best_size"]]
+            top_ends = np.argsort(np.where(valid, ends, -np.inf))[::-1][:settings["n_best_size"]]
+            top_starts, top_ends = top_starts[valid[top_starts]], top_ends[valid[top_ends]]
+            scores = starts[top_starts][:, None] + ends[top_ends][None, :]
+            spans = top_ends[None, :] - top_starts[:, None] + 1
+            scores = np.where((spans >= 1) & (spans <= settings["max_answer_length"]), scores, -np.inf)
+            i, j = np.unravel_index(int(np.argmax(scores)), scores.shape)
+            if np.isfinite(scores[i, j]) and (best is None or scores[i, j] > best[0]):
+                best = (scores[i, j], offsets[window][top_starts[i]][0], offsets[window][top_ends[j]][1])
+        if best is None or (settings["version_2_with_negative"]
+                            and null - best[0] > settings["null_score_diff_threshold"]):
+            answers.append("")
+            continue
+        context, start, end = row["context"], best[1], best[2]
+        while start < end and context[start].isspace():
+            start += 1
+        while end > start and context[end - 1].isspace():
+            end -= 1
+        while start > 0 and context[start].isalnum() and context[start - 1].isalnum():
+            start -= 1  # whole words, as the run's answers (SQuAD scores whole words)
+        while end < len(context) and context[end - 1].isalnum() and context[end].isalnum():
+            end += 1
+        answers.append(context[start:end])
+    return answers
 
 item = spec["qa"]
 run, merged = item["run"], item["merged"]
@@ -162,9 +237,12 @@ def qa_logits(model):
         result = model.eval()(**encoded)
     return torch.cat([result.start_logits, result.end_logits], dim=-1)
 reference = qa_logits(AutoModelForQuestionAnswering.from_pretrained(merged))
-auto = AutoModelForQuestionAnswering.from_pretrained(run)
+auto = AutoModelForQuestionAnswering.from_pretrained(run).eval()
 assert "peftkit" not in sys.modules
+import os
 from peft import AutoPeftModel, AutoPeftModelForQuestionAnswering
+# adapter_config.json names a local base relative to the run directory: peft resolves it from the cwd
+os.chdir(run)
 out["qa"] = {
     "auto_model": float((qa_logits(auto) - reference).abs().max()),
     "auto_peft_model": float((qa_logits(AutoPeftModel.from_pretrained(run)) - reference).abs().max()),
@@ -172,6 +250,8 @@ out["qa"] = {
         (qa_logits(AutoPeftModelForQuestionAnswering.from_pretrained(run)) - reference).abs().max()
     ),
     "class": type(auto).__name__,
+    "answers": qa_answers(auto, tokenizer, item["rows"], item["settings"]),
+    "saved": saved(run),
 }
 assert "peftkit" not in sys.modules, "transformers and peft only"
 json.dump(out, open(sys.argv[2], "w"))
@@ -182,7 +262,8 @@ json.dump(out, open(sys.argv[2], "w"))
 def fresh(hf_runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     work = tmp_path_factory.mktemp("fresh")
     seq2seq = [json.loads(line) for line in (SEQ2SEQ_DATA / "test.jsonl").read_text().splitlines()]
-    qa_rows = [json.loads(line) for line in (QA_DATA / "test.jsonl").read_text().splitlines()[:6]]
+    qa_rows = [json.loads(line) for line in (QA_DATA / "test.jsonl").read_text().splitlines()]
+    qa_recipe = json.loads((hf_runs["qa"] / "peftkit_run.json").read_text())["recipe"]["task"]
     seq_cls_lines = (hf_runs["seq_cls"].parent / "test.csv").read_text().splitlines()[1:]
     spec = {
         "seq_cls": {
@@ -205,8 +286,10 @@ def fresh(hf_runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
         "qa": {
             "run": str(hf_runs["qa"]),
             "merged": str(hf_runs["qa_merged"]),
-            "questions": [r["question"] for r in qa_rows],
-            "contexts": [r["context"] for r in qa_rows],
+            "questions": [r["question"] for r in qa_rows[:6]],
+            "contexts": [r["context"] for r in qa_rows[:6]],
+            "rows": qa_rows,
+            "settings": qa_recipe,
         },
     }
     (work / "spec.json").write_text(json.dumps(spec))
@@ -238,7 +321,9 @@ def test_token_cls_run_reproduces_word_tags(fresh: dict[str, Any]) -> None:
     assert record["class"] == "BertForTokenClassification"
     assert record["auto"] == record["saved"]
     assert set(record["id2label"].values()) >= {"O", "B-PER"}  # the run's tag names, not LABEL_<n>
-    assert all(not label.startswith("LABEL_") for label in record["pipeline_labels"])
+    # the pipeline with the card's aggregation_strategy="first" groups exactly the saved word tags
+    assert record["pipeline_groups"] == record["saved_groups"]
+    assert any(record["saved_groups"]), "the comparison needs predicted entities"
 
 
 @pytest.mark.parametrize("case", ["seq2seq_t5", "seq2seq_llama"])
@@ -248,6 +333,9 @@ def test_seq2seq_run_reproduces_generations(case: str, fresh: dict[str, Any]) ->
     assert record["max_new_tokens"] == 8  # [task] max_new_tokens travels in generation_config.json
     if case == "seq2seq_llama":  # the tiny Llama's tokenizer has a chat template; peftkit prompted through it
         assert case in fresh.get("chat_template_used", [])
+        assert record["pipeline"] == record["saved"]  # text-generation pipeline, user turns only
+        # the run's system prompt, in the saved template, opens a conversation that has none
+        assert record["rendered"].startswith(f"[unused0] {SYSTEM} [unused1][unused0] x [unused1]")
 
 
 def test_qa_run_equals_merged_model_through_transformers_and_autopeftmodel(fresh: dict[str, Any]) -> None:
@@ -257,6 +345,9 @@ def test_qa_run_equals_merged_model_through_transformers_and_autopeftmodel(fresh
     assert record["auto_peft_model"] <= 1e-4, record
     # peft's QA wrapper (PeftModelForQuestionAnswering) drops token_type_ids: the documented loaders avoid it
     assert record["auto_peft_qa"] > 1e-4, record
+    # the saved answers, decoded from AutoModelForQuestionAnswering(run_dir)'s logits with the run's settings
+    assert record["answers"] == record["saved"]
+    assert any(record["saved"]) and len(record["saved"]) == 19
 
 
 def test_adapter_config_lists_each_head_once(seq_cls_run: tuple[Path, Path]) -> None:
@@ -265,6 +356,8 @@ def test_adapter_config_lists_each_head_once(seq_cls_run: tuple[Path, Path]) -> 
     assert config["modules_to_save"] == ["classifier"]
     meta = json.loads((run / "peftkit_run.json").read_text())
     assert meta["base_model"]["relative_to_run"] == os.path.relpath(tiny, run)
+    # a local base: no absolute path of this machine in the adapter's config, the folder seen from the run
+    assert config["base_model_name_or_path"] == os.path.relpath(tiny, run)
 
 
 def test_a_copied_run_with_its_base_gone_still_predicts_and_merges(
@@ -293,6 +386,20 @@ def test_a_copied_run_with_its_base_gone_still_predicts_and_merges(
         merged = invoke_cli("merge", str(copy), "--out", str(tmp_path / "merged"))
         assert merged.exit_code == 0, merged.output
         assert json.loads((tmp_path / "merged" / "merge_report.json").read_text())["status"] == "passed"
+        # peft onto a base the user passes (here the moved base folder) still loads the copy
+        import torch
+        from peft import PeftModel
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+        base = AutoModelForSequenceClassification.from_pretrained(
+            hidden, config=AutoConfig.from_pretrained(copy)
+        )
+        model = PeftModel.from_pretrained(base, copy).eval()
+        tokenizer = AutoTokenizer.from_pretrained(copy)
+        texts = [line.rsplit(",", 1)[0] for line in lines]
+        with torch.no_grad():
+            ids = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.argmax(-1).tolist()
+        assert [model.config.id2label[i] for i in ids] == expected
     finally:
         hidden.rename(tiny)
 
@@ -340,3 +447,10 @@ def test_without_base_weights_the_run_holds_the_adapter_only(seq_cls_run: tuple[
     assert (run / "model.safetensors").is_file()
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
     assert api.predict(out, [{"text": "free prize now"}])[0]["prediction"] in ("ham", "spam")
+    # its card shows PeftModel onto the base (here the local folder it recorded), and that snippet runs
+    from tests.integration.test_cards import run_snippet, usage_snippet
+
+    card = (out / "README.md").read_text()
+    assert "PeftModel.from_pretrained(base" in usage_snippet(card) and "pipeline(" not in usage_snippet(card)
+    result = run_snippet(out / "README.md", work)
+    assert result.returncode == 0, result.stderr[-3000:]

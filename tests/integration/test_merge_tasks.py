@@ -168,7 +168,8 @@ learning_rate = 1e-3
     )
 
 
-def _seq2seq_run(work: Path, kind: str) -> Path:
+def _seq2seq_run(work: Path, kind: str, task_lines: str = "") -> Path:
+    """A tiny seq2seq run (``kind`` t5 or llama); ``task_lines``: more keys of its [task] table."""
     from tests.integration.test_seq2seq_cli import save_tiny
 
     model = save_tiny(kind, work / "model")
@@ -185,6 +186,7 @@ name_or_path = "{model}"
 [task]
 type = "seq2seq"
 {task}
+{task_lines}
 max_source_length = 16
 max_target_length = 16
 max_new_tokens = 8
