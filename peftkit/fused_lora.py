@@ -9,8 +9,8 @@ shared by every layer that reads it), the mask as bits (one bit an element, 1/32
 ``h = A·dropout(x)`` (``r`` values per token). The backward unpacks the mask and computes the gradients of A,
 B and x from it. Drawing the mask again from a saved generator state would save those bits, but on CPU
 ``bernoulli_`` draws serially (8-20 ns an element, measured in docs/memory.md), about 5 times what packing
-and unpacking cost, so the bits are kept. A training run is the same run as with peft's layers (tests/integration/
-test_fused_lora.py; docs/memory.md).
+and unpacking cost, so the bits are kept. A training run is the same run as with peft's layers
+(tests/integration/test_fused_lora.py; docs/memory.md).
 
 :func:`install` swaps the ``forward`` of each eligible ``lora.Linear`` of a peft model (plain LoRA, rsLoRA;
 LoRA+ only changes the optimizer); anything else keeps peft's layer and is named in the log: DoRA and the
