@@ -105,8 +105,7 @@ def step_recorder(device: str = "cpu") -> Any:
         def _probe_gemms(self, model: Any, rows: int, width: int) -> None:
             found: list[dict[str, Any]] = []
 
-            def on_linear(mod: Any, inputs: Any, output: Any) -> None:
-                x = inputs[0]
+            def gemm(x: Any, mod: Any, input_grad: bool) -> None:
                 vectors = x.numel() // mod.in_features
                 found.append(
                     {
@@ -115,13 +114,30 @@ def step_recorder(device: str = "cpu") -> Any:
                         # per token (rows × width vectors) or per sequence (pooler, classifier)
                         "per": "sequence" if vectors == rows else "token",
                         "scale": 1.0 if vectors == rows else vectors / (rows * width),
-                        "input_grad": bool(x.requires_grad),
+                        "input_grad": input_grad,
                         "trained": bool(mod.weight.requires_grad),
                     }
                 )
 
+            def on_linear(mod: Any, inputs: Any, output: Any) -> None:
+                gemm(inputs[0], mod, bool(inputs[0].requires_grad))
+
+            def on_fused_lora(mod: Any, inputs: Any, output: Any) -> None:
+                # peftkit.fused_lora runs the base, A and B GEMMs inside one autograd function, so their
+                # nn.Linear hooks do not fire: count the same three GEMMs here
+                x = inputs[0]
+                name = mod.active_adapters[0]
+                gemm(x, mod.base_layer, bool(x.requires_grad))
+                gemm(x, mod.lora_A[name], bool(x.requires_grad))
+                gemm(x[..., : mod.lora_A[name].out_features], mod.lora_B[name], True)
+
             handles = [
                 m.register_forward_hook(on_linear) for m in model.modules() if type(m) is torch.nn.Linear
+            ]
+            handles += [
+                m.register_forward_hook(on_fused_lora)
+                for m in model.modules()
+                if getattr(m, "_peftkit_fused_lora", False)
             ]
 
             def done(*_: Any) -> None:
