@@ -135,6 +135,28 @@ METHODS: dict[str, AdapterMethod] = {
 }
 
 
+# [adapter] keys peftkit owns: not peft config fields, so kept out of the peft config and adapter_config.json
+# (the resolved recipe in peftkit_run.json records them)
+ADAPTER_OWN_KEYS: dict[str, str] = {
+    "loraplus_lr_ratio": "LoRA+ (method 'lora'): lora_B's learning rate is train.learning_rate × this ratio, "
+    "lora_A's stays train.learning_rate; the optimizer is built by peft's create_loraplus_optimizer with "
+    "the class train.optim names. e.g. 16",
+    "loraplus_lr_embedding": "LoRA+: the learning rate of LoRA layers on embeddings (peft's default 1e-6); "
+    "needs loraplus_lr_ratio",
+}
+
+
+def loraplus_options(options: dict[str, Any]) -> dict[str, float] | None:
+    """LoRA+'s settings from ``[adapter]`` (keyword arguments of :func:`peftkit.trainer.loraplus_optimizer`),
+    or None when the recipe does not use LoRA+."""
+    if options.get("loraplus_lr_ratio") is None:
+        return None
+    out = {"ratio": float(options["loraplus_lr_ratio"])}
+    if options.get("loraplus_lr_embedding") is not None:
+        out["lr_embedding"] = float(options["loraplus_lr_embedding"])
+    return out
+
+
 def method_for_peft_type(peft_type: str) -> AdapterMethod | None:
     """The method that saves adapters of this peft_type (None for one peftkit does not train)."""
     return next((m for m in METHODS.values() if m.peft_type == peft_type), None)
@@ -164,10 +186,11 @@ def default_target_modules(method: str, model_config: Any) -> Any:
 
 
 def build_peft_config(options: dict[str, Any], task: Task, model: Any, model_config: Any) -> Any:
-    """The peft config for ``[adapter]``: method class, task type, targets and heads to save."""
+    """The peft config for ``[adapter]``: method class, task type, targets and heads to save (peftkit's own
+    keys, :data:`ADAPTER_OWN_KEYS`, stay out of it)."""
     import peft
 
-    options = dict(options)
+    options = {k: v for k, v in options.items() if k not in ADAPTER_OWN_KEYS}
     method = options.pop("method", "lora")
     cls = getattr(peft, METHODS[method].peft_config)
     options["task_type"] = task.peft_task_type(model_config)
@@ -179,12 +202,14 @@ def build_peft_config(options: dict[str, Any], task: Task, model: Any, model_con
     return cls(**options)
 
 
-def apply_adapter(model: Any, options: dict[str, Any], task: Task, model_config: Any) -> Any:
-    """Wrap the base model in a PeftModel; returns it with trainable parameter counts logged."""
+def apply_adapter(model: Any, options: dict[str, Any], task: Task, model_config: Any, seed: int = 0) -> Any:
+    """Wrap the base model in a PeftModel; returns it with trainable parameter counts logged. ``seed`` (the
+    run's): what a random init draws from where loading must repeat it (:func:`seeded_adapter_init`)."""
     from peft import get_peft_model
 
     config = build_peft_config(options, task, model, model_config)
-    peft_model = get_peft_model(model, config)
+    with seeded_adapter_init(options.get("init_lora_weights"), seed):
+        peft_model = get_peft_model(model, config)
     trainable, total = count_parameters(peft_model)
     logger.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
     return peft_model
@@ -249,6 +274,27 @@ def residual_init(options: dict[str, Any]) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def seeded_adapter_init(init_lora_weights: Any, seed: int) -> Iterator[None]:
+    """Within the block torch draws from ``seed`` when the init is PiSSA's fast SVD (``pissa_niter_<n>``),
+    and the global random state is as before afterwards; other inits are left alone.
+
+    peft repeats a residual init on the original base whenever it loads the adapter (the saved A and B are
+    relative to that residual). Full-SVD PiSSA and OLoRA repeat it exactly; ``torch.svd_lowrank`` draws a
+    random projection, so without the same seed at training and at loading a reloaded run has another
+    residual base and predicts otherwise (a T5 run's generations changed completely).
+    """
+    if not is_pissa_niter(init_lora_weights):
+        yield
+        return
+    import torch
+
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 def method_problems(options: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(``adapter.<key>``, problem, fix) for each method-level mistake in ``[adapter]``, before any model."""
     method = options.get("method", "lora")
@@ -268,6 +314,7 @@ def method_problems(options: dict[str, Any]) -> list[tuple[str, str, str]]:
                 "the default init (QLoRA); run LoftQ on a GPU machine",
             )
         )
+    problems += loraplus_problems(method, options)
     if method == "adalora":
         total = options.get("total_step")
         tinit, tfinal = options.get("tinit", 0), options.get("tfinal", 0)
@@ -280,6 +327,44 @@ def method_problems(options: dict[str, Any]) -> list[tuple[str, str, str]]:
                     "remove total_step (peftkit sets it to the run's planned steps) or lower tinit/tfinal",
                 )
             )
+    return problems
+
+
+def loraplus_problems(method: str, options: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """LoRA+'s keys: method 'lora' only, positive finite values, the embedding rate only with a ratio."""
+    import math
+
+    ratio, embedding = options.get("loraplus_lr_ratio"), options.get("loraplus_lr_embedding")
+    if ratio is None and embedding is None:
+        return []
+    if method != "lora":
+        why = (
+            "AdaLoRA's SVD form starts its singular values (lora_E) at zero, not lora_B, which the LoRA+ "
+            "ratio is derived for, and its rank allocation masks them"
+            if method == "adalora"
+            else f"{method!r} has no lora_A/lora_B matrices whose learning rates LoRA+ sets apart"
+        )
+        key = "loraplus_lr_ratio" if ratio is not None else "loraplus_lr_embedding"
+        return [
+            (
+                f"adapter.{key}",
+                f"LoRA+ works with method 'lora' only (and its variants: DoRA, rsLoRA, PiSSA ...): {why}",
+                "remove the loraplus_* keys, or use method = 'lora'",
+            )
+        ]
+    problems = []
+    for key, value in (("loraplus_lr_ratio", ratio), ("loraplus_lr_embedding", embedding)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            example = "16" if key == "loraplus_lr_ratio" else "1e-6 (peft's default)"
+            problems.append((f"adapter.{key}", f"must be positive, got {value!r}", f"use e.g. {example}"))
+    if embedding is not None and ratio is None:
+        problems.append(
+            (
+                "adapter.loraplus_lr_embedding",
+                "is LoRA+'s embedding learning rate, and LoRA+ is off without loraplus_lr_ratio",
+                "set loraplus_lr_ratio (e.g. 16), or remove loraplus_lr_embedding",
+            )
+        )
     return problems
 
 

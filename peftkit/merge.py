@@ -222,7 +222,10 @@ def write_merged(
     timings: dict[str, float] = {}
     started = time.perf_counter()
     # merging is exact only in full precision; a half-precision file is cast from the float32 merge at the end
-    loaded = runs.load_run(run_dir, adapter_dir, dtype="float32", trust_remote_code=trust_remote_code)
+    # a QLoRA run merges into a freshly loaded unquantized base (its 4/8-bit weights are never merged into)
+    loaded = runs.load_run(
+        run_dir, adapter_dir, dtype="float32", quantized=False, trust_remote_code=trust_remote_code
+    )
     recipe, task, ctx = loaded.recipe, loaded.task, loaded.ctx
     dtype = dtype or recipe.export.dtype
     max_shard_size = max_shard_size or recipe.export.max_shard_size

@@ -786,6 +786,7 @@ def load_run(
     adapter_dir: str | os.PathLike[str] | None = None,
     *,
     dtype: str | None = None,
+    quantized: bool = True,
     trust_remote_code: bool = False,
 ) -> LoadedRun:
     """Recipe, labels, tokenizer and the adapter model, from the run directory alone.
@@ -793,6 +794,9 @@ def load_run(
     The one loader of every command that uses a trained run (predict, evaluate, merge, export, error
     analysis). ``adapter_dir``: one of the run's checkpoints instead of its final adapter (the run need not
     have finished). ``dtype`` replaces the recipe's ``[model] dtype`` (a merge loads the base in float32).
+    ``quantized``: a QLoRA run's base under its ``[quantization]``, the model it trained and evaluated, so
+    that predict and evaluate reproduce the run's own predictions (on the unquantized base a regression
+    score or a generated token moves); merge loads it unquantized (it merges into float weights).
     ``trust_remote_code``: the user's own ``--trust-remote-code`` (a recorded one is not honoured alone).
     The files peftkit wrote and the base model's weights are checked against the run's integrity record.
     """
@@ -811,24 +815,28 @@ def load_run(
     labels = run_labels(run_dir, recipe, meta)
     tokenizer = _saved_tokenizer(recipe, folder, run_dir)
     try:
-        stack = load_stack(recipe, labels, tokenizer=tokenizer, dtype=dtype)
+        stack = load_stack(recipe, labels, tokenizer=tokenizer, dtype=dtype, quantized=quantized)
     except ModelLoadError as exc:
         embedded = embedded_base_recipe(recipe, run_dir)
         if embedded is None:
             raise
         logger.warning("%s; using the base weights saved in %s", str(exc).splitlines()[0], run_dir)
         recipe = embedded
-        stack = load_stack(recipe, labels, tokenizer=tokenizer, dtype=dtype)
+        stack = load_stack(recipe, labels, tokenizer=tokenizer, dtype=dtype, quantized=quantized)
+    from peftkit.adapters import ready_for_evaluation, seeded_adapter_init
+
     try:
-        model = PeftModel.from_pretrained(stack.model, str(folder))
+        # peft repeats a residual init (PiSSA, OLoRA) on the base as it loads: a random one with the seed
+        config = read_json(folder / ADAPTER_CONFIG)
+        init = config.get("init_lora_weights") if isinstance(config, dict) else None
+        with seeded_adapter_init(init, int(recipe.train.get("seed", 42))):
+            model = PeftModel.from_pretrained(stack.model, str(folder))
     except Exception as exc:  # anything failing here is a broken or mismatched adapter
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise RunDirError(
             f"{folder}: the adapter cannot be loaded ({type(exc).__name__}: {first}); re-run finetune"
         ) from None
     model.eval()
-    from peftkit.adapters import ready_for_evaluation
-
     ready_for_evaluation(model)  # AdaLoRA loaded for inference cannot score labels otherwise
     return LoadedRun(run_dir=run_dir, recipe=recipe, task=stack.task, ctx=stack.ctx, model=model, meta=meta)
 

@@ -104,6 +104,9 @@ def build_trainer(
         else None,
         callbacks=callbacks,
     )
+    from peftkit.adapters import loraplus_options
+
+    trainer.loraplus = loraplus_options(recipe.adapter)
     weights = class_weights_for(ctx, features["train"])
     if weights is not None:
         import torch
@@ -304,6 +307,16 @@ def with_shuffled_length_groups(trainer_cls: Any) -> Any:
 
     class PeftkitTrainer(trainer_cls):
         class_weights: Any = None  # a float tensor, one weight per label id ([task] class_weights)
+        loraplus: dict[str, float] | None = None  # [adapter] loraplus_* (adapters.loraplus_options)
+
+        def create_optimizer(self, model: Any = None) -> Any:
+            # LoRA+: the Trainer's own optimizer class and arguments, in peft's LoRA+ parameter groups.
+            # Under DeepSpeed (a config without an optimizer section) deepspeed_init calls this too.
+            if self.loraplus is None or getattr(self, "optimizer", None) is not None:
+                return super().create_optimizer(model)
+            target = self.model if model is None else model
+            self.optimizer = loraplus_optimizer(target, self.args, **self.loraplus)
+            return self.optimizer
 
         def compute_loss(
             self,
@@ -359,6 +372,55 @@ def with_shuffled_length_groups(trainer_cls: Any) -> Any:
 
     PeftkitTrainer.__name__ = PeftkitTrainer.__qualname__ = f"Peftkit{trainer_cls.__name__}"
     return PeftkitTrainer
+
+
+def loraplus_optimizer(model: Any, args: Any, ratio: float, lr_embedding: float | None = None) -> Any:
+    """LoRA+ (``[adapter] loraplus_lr_ratio``): the optimizer ``train.optim`` names (AdamW, fused AdamW,
+    bitsandbytes' 8-bit and paged AdamW ...), with its arguments as the Trainer would build them, over the
+    parameter groups of peft's ``create_loraplus_optimizer``: lora_A (and other matrices, e.g. a saved head's
+    weight) at ``learning_rate``, lora_B and every 1-d trainable parameter at ``learning_rate × ratio``, LoRA
+    on embeddings at ``lr_embedding``; ``weight_decay`` on all but biases and norms, as the Trainer does."""
+    from peft.optimizers import create_loraplus_optimizer
+    from transformers import Trainer
+    from transformers.trainer_optimizer import is_optimizer_factory
+
+    from peftkit.errors import PeftkitError
+
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    if is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(kwargs):
+        # validate refuses these optims (recipe.LORAPLUS_REFUSED_OPTIMS); a new one lands here
+        raise PeftkitError(
+            f"adapter.loraplus_lr_ratio: train.optim = {args.optim!r} builds its own parameter groups, so "
+            "LoRA+ cannot set them; use an AdamW-family optim (e.g. adamw_torch_fused) or remove "
+            "loraplus_lr_ratio"
+        )
+    kwargs = dict(kwargs)
+    lr = kwargs.pop("lr", args.learning_rate)
+    if lr_embedding is not None:
+        kwargs["loraplus_lr_embedding"] = lr_embedding
+    optimizer = create_loraplus_optimizer(
+        model,
+        optimizer_cls,
+        lr=lr,
+        loraplus_lr_ratio=ratio,
+        loraplus_weight_decay=args.weight_decay,
+        **kwargs,
+    )
+    if "bitsandbytes" in str(optimizer_cls) and kwargs.get("optim_bits") == 8:
+        # as Trainer.create_optimizer does for 8-bit bitsandbytes: embeddings keep 32-bit optimizer state
+        # (peft's helper does it only for the AdamW8bit class names, not bnb's AdamW(optim_bits=8))
+        import bitsandbytes
+        from torch import nn
+
+        manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+        for module in model.modules():
+            if isinstance(module, nn.Embedding):
+                manager.register_module_override(module, "weight", {"optim_bits": 32})
+    sizes = ", ".join(
+        f"{len(group['params'])} at lr {group['lr']:g}" for group in optimizer.param_groups if group["params"]
+    )
+    logger.info("LoRA+ (ratio %g): %s parameter groups: %s", ratio, optimizer_cls.__name__, sizes)
+    return optimizer
 
 
 @contextlib.contextmanager
@@ -464,14 +526,23 @@ def save_embedded_base(trainer: Any, run_dir: Path) -> list[Path]:
     with an embedded adapter" (transformers' ``maybe_load_adapters``): ``AutoModelFor<Task>.from_pretrained``
     and ``pipeline()`` load it as it is, with the run's labels, and a copied run needs no base elsewhere.
     Skipped (with a log line) for a quantized base and under DeepSpeed, whose live weights are not the base's
-    float tensors; those runs load through peftkit and ``PeftModel``. A failure here loses nothing: the
+    float tensors, and for residual inits (PiSSA, OLoRA), whose live weights are the residual; those runs
+    load through peftkit and ``PeftModel``. A failure here loses nothing: the
     adapter is already in place.
     """
-    from peftkit.adapters import base_state_dict
+    from peftkit.adapters import base_state_dict, residual_init
 
     base = trainer.model.get_base_model()
     if getattr(base, "is_quantized", False) or getattr(trainer, "is_deepspeed_enabled", False):
         logger.info("not saving the base weights into %s (quantized base or DeepSpeed)", run_dir)
+        return []
+    config = getattr(trainer.model, "peft_config", {}).get("default")
+    residual = residual_init(vars(config)) if config is not None else None
+    if residual is not None:
+        # the live base holds the residual weights, and peft subtracts the init again from whatever base it
+        # loads the adapter onto: saved here, a from_pretrained(run_dir) model would be off (measured on the
+        # tiny BERT: logits 1.4e-4 away from the run's, 0 for plain LoRA)
+        logger.info("not saving the base weights into %s (%s's residual base)", run_dir, residual)
         return []
     try:
         with runs.staging_dir(run_dir) as stage:

@@ -79,7 +79,7 @@ def finetune(
         gradient_checkpointing = bool(recipe.train.get("gradient_checkpointing"))
         model = load_model_for_training(recipe.model, task, ctx, recipe.quantization, gradient_checkpointing)
         adapter_options = fill_planned_steps(recipe.adapter, planned_steps(args, len(features["train"])))
-        model = apply_adapter(model, adapter_options, task, model_config)
+        model = apply_adapter(model, adapter_options, task, model_config, seed=recipe.train["seed"])
         trainable, total = count_parameters(model)
         # train
         trainer = build_trainer(

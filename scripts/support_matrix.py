@@ -6,7 +6,8 @@
 
 A cell is ✓ when its run trained, predicted its saved predictions again in a fresh process and merged with
 parity (or, for prompt learning, is not mergeable by design); "refused" quotes the validate-time message;
-a cell the results do not hold is "not run" (a partial run), never guessed.
+a cell the results do not hold is "not run" (a partial run), never guessed. ``--check`` compares the doc with
+what given results render (.ci/run does, after its full matrix run).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def cell_text(cell: dict[str, Any] | None, notes: list[str]) -> str:
             notes.append(why)
         return f"refused [{notes.index(why) + 1}]"
     if cell.get("status") == "ok":
+        if cell.get("fresh_predict") is False:
+            return "✗ (reloaded, it predicts otherwise)"
         mark = "✓" if cell.get("fresh_predict") else "✓ (fresh predict not run)"
         return mark if cell.get("merge") == "parity" else f"{mark}, no merge"
     return "not run"
@@ -93,8 +96,23 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "support-matrix.md")
     parser.add_argument("--json-out", type=Path, help="also write the merged results here")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 when --out differs from what the results render (CI: the committed doc "
+        "against a fresh run)",
+    )
     args = parser.parse_args()
     payload = merged([json.loads(p.read_text(encoding="utf-8")) for p in args.results or [DEFAULT]])
+    if args.check:
+        current = args.out.read_text(encoding="utf-8") if args.out.is_file() else ""
+        if current != render(payload):
+            raise SystemExit(
+                f"{args.out} does not match the matrix run's results: regenerate it (see this script's "
+                "docstring) in the commit that changed a method or lever"
+            )
+        print(f"{args.out} matches the results")
+        return
     if args.json_out:
         args.json_out.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     args.out.write_text(render(payload), encoding="utf-8")

@@ -19,6 +19,7 @@ TRAIN = "tests/integration/test_key_effects_train.py"
 QUANT = "tests/integration/test_key_effects_quantization.py"
 EXPORT = "tests/integration/test_key_effects_export.py"
 SWEEP = "tests/integration/test_key_effects_sweep.py"
+LORAPLUS = "tests/integration/test_loraplus.py"
 
 _MODEL_LOADERS = f"{MODEL}::test_tokenizer_revision_remote_code_attention_and_dtype_reach_the_loaders"
 _SPLITS = f"{DATA}::test_split_sampling_format_and_seed_keys"
@@ -36,6 +37,9 @@ _EXPORT = f"{EXPORT}::test_export_table_sets_the_merge_and_export_defaults"
 _SWEEP = f"{SWEEP}::test_sweep_keys_decide_the_trials_and_the_best"
 
 KEY_EFFECT_TESTS: dict[str, str] = {
+    # [adapter] (peftkit's own keys; the others are peft's)
+    "adapter.loraplus_lr_ratio": f"{LORAPLUS}::test_loraplus_trains_lora_b_at_ratio_times_the_learning_rate",
+    "adapter.loraplus_lr_embedding": f"{LORAPLUS}::test_loraplus_lr_embedding_sets_the_embedding_lora_rate",
     # [model]
     "model.name_or_path": _MODEL_LOADERS,
     "model.revision": _MODEL_LOADERS,
@@ -190,6 +194,7 @@ def owned_keys() -> list[str]:
         assert section is not None, f"[{table}] is no pydantic model any more"
         keys += [f"{table}.{name}" for name in _fields(section)]
     keys += [f"train.{name}" for name in recipe.TRAIN_OWN_KEYS]
+    keys += [f"adapter.{name}" for name in recipe.ADAPTER_OWN_KEYS]
     keys += [f"sweep.{name}" for name in sweep_keys()]
     for name, task in sorted(TASKS.items()):
         keys += [f"task.{name}.{field}" for field in _fields(task.config_class)]

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from peftkit.adapters import METHODS, is_pissa_niter, method_problems
+from peftkit.adapters import ADAPTER_OWN_KEYS, METHODS, is_pissa_niter, method_problems
 from peftkit.errors import Problem, RecipeError, did_you_mean
 from peftkit.recipe import field_table
 from peftkit.recipe.sweep_table import SWEEP_KEYS as SWEEP_KEYS  # the schema: [sweep]'s keys
@@ -507,8 +507,15 @@ def _adapter_section(raw: dict[str, Any], problems: list[Problem]) -> dict[str, 
                 Problem(f"adapter.{key}", "peftkit sets this key", f"remove it: {ADAPTER_RESERVED[key]}")
             )
             ok = False
+        elif key in ADAPTER_OWN_KEYS:  # every method takes the key, so that method_problems can say why not
+            error = check_value(value, float)
+            if error:
+                problems.append(Problem(f"adapter.{key}", error, ADAPTER_OWN_KEYS[key]))
+                ok = False
+            else:
+                out[key] = value
         elif target not in fields:
-            hint = did_you_mean(key, list(fields) + list(ADAPTER_ALIASES))
+            hint = did_you_mean(key, list(fields) + list(ADAPTER_ALIASES) + list(ADAPTER_OWN_KEYS))
             problems.append(
                 Problem(
                     f"adapter.{key}",
@@ -1000,10 +1007,54 @@ def _check_combinations(
         problems.append(
             Problem("quantization", "cannot be combined with model.gguf_file", "remove one of them")
         )
+    if adapter is not None and train is not None and adapter.get("loraplus_lr_ratio") is not None:
+        _check_loraplus_training(train, problems)
     if quant is not None and adapter is not None and not METHODS[adapter["method"]].quantized_base:
         problems.append(
             Problem(
                 "quantization", f"not supported with method {adapter.get('method')!r}", "use method = 'lora'"
+            )
+        )
+
+
+# TrainingArguments optimizers that build their own parameter groups (or one optimizer per parameter), so
+# LoRA+'s groups cannot be given to them: transformers' trainer_optimizer.py handlers
+LORAPLUS_REFUSED_OPTIMS = ("galore_", "apollo_", "lomo", "adalomo")
+
+
+def _check_loraplus_training(train: dict[str, Any], problems: list[Problem]) -> None:
+    """LoRA+ builds the optimizer from train.optim's class: refuse what would ignore or break its groups."""
+    optim = str(train.get("optim") or "")
+    if optim.startswith(LORAPLUS_REFUSED_OPTIMS):
+        problems.append(
+            Problem(
+                "adapter.loraplus_lr_ratio",
+                f"cannot be combined with train.optim = {optim!r}, which builds its own parameter groups",
+                "use an AdamW-family optim (adamw_torch_fused, adamw_torch, adamw_bnb_8bit, "
+                "paged_adamw_8bit ...) with LoRA+, or remove loraplus_lr_ratio",
+            )
+        )
+    config = _deepspeed_config(train.get("deepspeed"))
+    if "optimizer" in config:  # transformers then builds DeepSpeed's optimizer (deepspeed_optim_sched)
+        problems.append(
+            Problem(
+                "adapter.loraplus_lr_ratio",
+                f"cannot be combined with the DeepSpeed config {Path(str(train['deepspeed'])).name} "
+                "(train.deepspeed): it defines its own optimizer, which DeepSpeed builds instead of "
+                "LoRA+'s, so lora_B would silently train at the plain learning rate",
+                "remove the config's \"optimizer\" section (the Trainer's optimizer is then used), use "
+                "deepspeed = 'zero2' or 'zero1', or remove loraplus_lr_ratio",
+            )
+        )
+    elif _zero_stage(train.get("deepspeed")) == 3:
+        problems.append(
+            Problem(
+                "adapter.loraplus_lr_ratio",
+                "cannot be combined with a ZeRO-3 DeepSpeed config (train.deepspeed): peft's "
+                "create_loraplus_optimizer gives every 1-d parameter lora_B's learning rate, and ZeRO-3 "
+                "keeps its partitioned parameters as empty 1-d placeholders, so partitioned weights (a "
+                "saved task head's) would get it too",
+                "use deepspeed = 'zero2' or 'zero1' with LoRA+, or remove loraplus_lr_ratio",
             )
         )
 
@@ -1105,15 +1156,20 @@ def _check_best_metric(metric: Any, task: TaskConfig, problems: list[Problem]) -
     )
 
 
-def _zero_stage(config_path: str | None) -> int | None:
-    """The ZeRO stage of a resolved DeepSpeed JSON (None when unset or unreadable; reported elsewhere)."""
+def _deepspeed_config(config_path: str | None) -> dict[str, Any]:
+    """A resolved DeepSpeed JSON ({} when unset or unreadable; reported elsewhere)."""
     if not config_path:
-        return None
+        return {}
     try:
         config = json.loads(Path(config_path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    zero = config.get("zero_optimization") if isinstance(config, dict) else None
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _zero_stage(config_path: str | None) -> int | None:
+    """The ZeRO stage of a resolved DeepSpeed JSON (None when unset or unreadable; reported elsewhere)."""
+    zero = _deepspeed_config(config_path).get("zero_optimization")
     stage = zero.get("stage") if isinstance(zero, dict) else None
     return stage if isinstance(stage, int) else None
 

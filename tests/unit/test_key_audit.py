@@ -37,7 +37,7 @@ def test_the_schema_lists_the_tables_peftkit_owns() -> None:
     keys = owned_keys()
     assert len(keys) == len(set(keys))
     prefixes = {key.split(".")[0] for key in keys}
-    assert prefixes == {"model", "data", "quantization", "export", "train", "sweep", "task"}
+    assert prefixes == {"model", "data", "quantization", "export", "train", "sweep", "task", "adapter"}
     for key in ("data.text_column", "train.learning_rate", "adapter.r"):  # not peftkit's, or not a key
         assert key not in keys
     for key in ("data.columns", "train.max_train_minutes", "task.qa.doc_stride", "sweep.space"):
