@@ -7,7 +7,7 @@
 A cell is ✓ when its run trained, predicted its saved predictions again in a fresh process and merged with
 parity (or, for prompt learning, is not mergeable by design); "refused" quotes the validate-time message;
 a cell the results do not hold is "not run" (a partial run), never guessed. ``--check`` compares the doc with
-what given results render (.ci/run does, after its full matrix run).
+what given results render (run it after a full matrix run, before committing a change to a method).
 """
 
 from __future__ import annotations

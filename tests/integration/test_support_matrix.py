@@ -78,9 +78,11 @@ CELLS = (
     + [(m, "none", s) for m in METHODS if m not in FIRST for s in SHAPES]
 )
 # The whole matrix (168 cells; 14 minutes on one thread of a busy 2-core machine, 2026-12-02) runs with
-# PEFTKIT_SUPPORT_MATRIX=1: in CI (.ci/run, which also checks docs/support-matrix.md against it) and when the
-# doc is regenerated. The default suite runs its diagonal: row i (methods, then levers) on shape i mod 8, so
-# every method, every lever and every task shape runs at least once, for the cost of one column (21 cells).
+# PEFTKIT_SUPPORT_MATRIX=1, when docs/support-matrix.md is regenerated (scripts/support_matrix.py; --check
+# compares the doc with a run's results). The default suite, which CI runs, takes its diagonal: row i
+# (methods, then levers) on shape i mod 8, so every method, every lever and every task shape runs at least
+# once, for the cost of one column (21 cells): the whole matrix would add 10-14 minutes to a suite that
+# should stay well under 30.
 ROWS = [(m, "none") for m in METHODS] + [("lora", lever) for lever in LEVERS]
 DIAGONAL = {(m, lever, SHAPES[i % len(SHAPES)]) for i, (m, lever) in enumerate(ROWS)}
 if not os.environ.get("PEFTKIT_SUPPORT_MATRIX"):
