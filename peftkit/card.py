@@ -201,12 +201,13 @@ def model_card(
         loads = (
             "this folder loads with plain transformers, no peft needed"
             + (f", and `{runs.ONNX_FILE}` runs it in ONNX Runtime" if onnx is not None else "")
-            + (f", and {gguf_file} runs it in llama.cpp" if gguf is not None else "")
+            + (f", and {gguf_file} holds it for llama.cpp" if gguf is not None else "")
         )
     elif gguf is not None:
         loads = (
             f"exported to GGUF: {gguf_file} holds the weights ({gguf['gguf_type']}), the tokenizer and the "
-            "chat template, and runs in llama.cpp and Ollama; the folder holds no safetensors weights"
+            "chat template, for llama.cpp and Ollama (checked by reading it back with transformers' GGUF "
+            "loader); the folder holds no safetensors weights"
         )
     else:
         loads = (
