@@ -114,7 +114,8 @@ def merge_adapters(run_dirs: Sequence[RunDir], out: str | os.PathLike[str], **op
 def export(source: RunDir, out: str | os.PathLike[str], **options: Any) -> ExportResult:
     """``peftkit export``: a deployable bundle from a run directory (merged first) or a merged folder.
 
-    ``options``: formats, dtype, max_shard_size, overwrite, samples, tolerance (as the command's flags).
+    ``options``: formats, gguf_type, dtype, max_shard_size, overwrite, samples, tolerance (as the command's
+    flags).
     """
     from peftkit.export import export_bundle
 

@@ -143,13 +143,15 @@ def write_model_card(
     meta: Mapping[str, Any],
     *,
     onnx: Mapping[str, Any] | None = None,
+    gguf: Mapping[str, Any] | None = None,
     weights: bool = True,
 ) -> Path:
     """README.md for a merged model or a bundle: base model, method, use, labels, metrics, merge details and
-    checks, recipe. ``onnx``: the bundle's ONNX parity check; ``weights``: whether it kept the PyTorch
-    weights (an ONNX-only bundle's card shows ONNX Runtime, not ``pipeline()``)."""
+    checks, recipe. ``onnx`` / ``gguf``: the bundle's ONNX / GGUF parity check; ``weights``: whether it kept
+    the PyTorch weights (an ONNX-only bundle's card shows ONNX Runtime, a GGUF-only one llama.cpp, not
+    ``pipeline()``)."""
     path = folder / runs.MODEL_CARD
-    write_text_atomic(path, model_card(report, recipe, metrics, meta, onnx=onnx, weights=weights))
+    write_text_atomic(path, model_card(report, recipe, metrics, meta, onnx=onnx, gguf=gguf, weights=weights))
     return path
 
 
@@ -172,6 +174,7 @@ def model_card(
     meta: Mapping[str, Any],
     *,
     onnx: Mapping[str, Any] | None = None,
+    gguf: Mapping[str, Any] | None = None,
     weights: bool = True,
 ) -> str:
     from peftkit.tasks import TASKS
@@ -182,18 +185,41 @@ def model_card(
     method = _method_name(recipe.get("adapter", {}), adapter)
     base = _base_words(report, meta)
     name = report.get("run_name") or Path(str(report["source_run"])).name
-    tags = ["peftkit", method.split()[0].lower(), "merged", *(["onnx"] if onnx is not None else [])]
+    tags = [
+        "peftkit",
+        method.split()[0].lower(),
+        "merged",
+        *(["onnx"] if onnx is not None else []),
+        *(["gguf"] if gguf is not None else []),
+    ]
     # an ONNX-only bundle loads in no Hub library: not transformers, and optimum's ORT classes need
     # transformers 4 (docs/merge-export.md)
     library = "transformers" if weights else None
     metadata = card_metadata(report, recipe, metrics, meta, name=name, tags=tags, library_name=library)
-    loads = (
-        "this folder loads with plain transformers, no peft needed"
-        + (f", and `{runs.ONNX_FILE}` runs it in ONNX Runtime" if onnx is not None else "")
-        if weights
-        else f"exported to ONNX: `{runs.ONNX_FILE}` runs in ONNX Runtime, and the folder holds no PyTorch "
-        "weights, so `pipeline()` and `AutoModelFor*` cannot load it"
-    )
+    gguf_file = f"`{gguf['file']}`" if gguf is not None else ""
+    if weights:
+        loads = (
+            "this folder loads with plain transformers, no peft needed"
+            + (f", and `{runs.ONNX_FILE}` runs it in ONNX Runtime" if onnx is not None else "")
+            + (f", and {gguf_file} holds it for llama.cpp" if gguf is not None else "")
+        )
+    elif gguf is not None:
+        loads = (
+            f"exported to GGUF: {gguf_file} holds the weights ({gguf['gguf_type']}), the tokenizer and the "
+            "chat template, for llama.cpp and Ollama (checked by reading it back with transformers' GGUF "
+            "loader); the folder holds no safetensors weights"
+        )
+    else:
+        loads = (
+            f"exported to ONNX: `{runs.ONNX_FILE}` runs in ONNX Runtime, and the folder holds no PyTorch "
+            "weights, so `pipeline()` and `AutoModelFor*` cannot load it"
+        )
+    if weights:
+        use = _use_section(report, "merged", meta)
+    elif gguf is not None:
+        use = _gguf_use_section(gguf)
+    else:
+        use = _onnx_use_section(onnx or {})
     lines = [
         "---",
         metadata.strip(),
@@ -204,7 +230,7 @@ def model_card(
         f"{base} fine-tuned for {title} with {method} by peftkit, with the adapter merged into the base "
         f"weights: {loads}.",
         "",
-        *(_use_section(report, "merged", meta) if weights else _onnx_use_section(onnx or {})),
+        *use,
         *_inference_section(report),
         *_labels_section(report),
         *_training_section(report, method, meta),
@@ -213,6 +239,8 @@ def model_card(
     lines += _merge_section(report)
     if onnx is not None:
         lines += _onnx_section(onnx, weights)
+    if gguf is not None:
+        lines += _gguf_section(gguf, weights)
     lines += ["## Recipe (resolved)", "", "```json", json.dumps(recipe, indent=2, default=str), "```", ""]
     versions = report.get("versions") or {}
     shown = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
@@ -638,6 +666,54 @@ def _onnx_use_section(check: Mapping[str, Any]) -> list[str]:
         "",
         *_onnx_usage(check),
     ]
+
+
+def _gguf_usage(check: Mapping[str, Any]) -> list[str]:
+    name = check["file"]
+    return [
+        "```bash",
+        f"llama-cli -m path/to/this/folder/{name} -cnv   # llama.cpp, with the chat template in the file",
+        "```",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer  # pip install gguf",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained({FOLDER}, gguf_file="{name}")',
+        f'tokenizer = AutoTokenizer.from_pretrained({FOLDER}, gguf_file="{name}")',
+        "```",
+        "",
+    ]
+
+
+def _gguf_use_section(check: Mapping[str, Any]) -> list[str]:
+    return ["## Use", "", *_gguf_usage(check)]
+
+
+def _gguf_section(check: Mapping[str, Any], weights_kept: bool) -> list[str]:
+    """The GGUF file, how to run it (when the Use section shows PyTorch), and how faithful it is."""
+    types = ", ".join(f"{count} {kind}" for kind, count in (check.get("tensor_types") or {}).items())
+    lines = [
+        "## GGUF",
+        "",
+        f"`{check['file']}` ({check['gguf_type']}; tensors: {types}; {check['bytes'] / 2**20:.1f} MiB): "
+        "architecture llama, byte-level BPE tokenizer and chat template in its metadata.",
+        "",
+    ]
+    if weights_kept:
+        lines += _gguf_usage(check)
+    tokenizer = check.get("tokenizer") or {}
+    limit = f" (limit {check['limit']:g})" if check.get("tolerance") is not None else ""
+    lines += [
+        "Read back by transformers' GGUF loader and compared with the merged model on "
+        f"{check['sample'].get('examples')} examples of the "
+        f"{check['sample'].get('split') or 'random'} split: "
+        f"max abs Δlogit {check['max_abs_diff']:.3g}{limit}, next-token argmax agreement "
+        f"{check['agreement']:.4f} over {check['predictions_compared']} positions (needs "
+        f"{check['min_agreement']:.2f}). The tokenizer rebuilt from the file encodes "
+        f"{tokenizer.get('texts_compared')} texts to the same ids as the run's.",
+        "",
+    ]
+    return lines
 
 
 def _onnx_section(check: Mapping[str, Any], weights_kept: bool) -> list[str]:

@@ -582,8 +582,13 @@ def merge_adapters(
     "--format",
     "formats",
     multiple=True,
-    type=click.Choice(["safetensors", "onnx"]),
-    help="safetensors and/or onnx (repeatable). Default: the recipe's [export] formats.",
+    type=click.Choice(["safetensors", "onnx", "gguf"]),
+    help="safetensors, onnx and/or gguf (repeatable). Default: the recipe's [export] formats.",
+)
+@click.option(
+    "--gguf-type",
+    type=click.Choice(["f32", "f16", "q8_0"]),
+    help="Weights of the GGUF file (Llama-architecture causal LMs, for llama.cpp). Default: f32.",
 )
 @click.option("--dtype", type=DTYPE_CHOICE, help="Weights dtype of the safetensors files. Default: [export].")
 @click.option("--max-shard-size", help="Largest safetensors file, e.g. 2GB. Default: [export].")
@@ -601,6 +606,7 @@ def export(
     source: Path,
     out: Path,
     formats: tuple[str, ...],
+    gguf_type: str | None,
     dtype: str | None,
     max_shard_size: str | None,
     samples: int,
@@ -622,6 +628,7 @@ def export(
         samples=samples,
         tolerance=tolerance,
         trust_remote_code=trust_remote_code,
+        gguf_type=gguf_type,
     )
     manifest = result.manifest
     size = sum(f["bytes"] for f in manifest["files"].values()) / 2**20
@@ -633,6 +640,13 @@ def export(
         click.echo(
             f"      onnx: max |Δlogit| {onnx['max_abs_diff']:.3g}  agreement {onnx['agreement']:.4f} "
             f"({onnx['predictions_compared']} predictions, {onnx['sample']['split']} split)  passed"
+        )
+    gguf = manifest.get("gguf")
+    if gguf:
+        click.echo(
+            f"      gguf: {gguf['file']} ({gguf['gguf_type']}): max |Δlogit| {gguf['max_abs_diff']:.3g}  "
+            f"next-token agreement {gguf['agreement']:.4f} ({gguf['predictions_compared']} positions, "
+            f"{gguf['sample']['split']} split; read back by transformers)  passed"
         )
     if manifest.get("pipeline_task"):
         click.echo(f'  pipeline("{manifest["pipeline_task"]}", model="{result.out_dir}")')

@@ -4,7 +4,8 @@ A bundle is a folder that ``transformers`` loads as it is (``AutoModelFor*.from_
 ``pipeline(task, model=folder)`` where transformers has a pipeline for the task), plus ``model.onnx`` for the
 encoder tasks when asked, and ``peftkit_export.json``: what is in it, each file's size and SHA-256, and the
 parity figures. The ONNX graph comes from ``torch.onnx.export`` (the torch.export-based exporter) with dynamic
-batch and sequence axes, and is checked with ONNX Runtime against PyTorch on the run's test split.
+batch and sequence axes, and is checked with ONNX Runtime against PyTorch on the run's test split. A GGUF file
+(Llama-architecture causal LMs, for llama.cpp) is written and read back by :mod:`peftkit.gguf_export`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from peftkit.parity import DEFAULT_SAMPLES, FP32_TOLERANCE
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("safetensors", "onnx")
+FORMATS = ("safetensors", "onnx", "gguf")
 # ONNX Runtime reorders and fuses float32 arithmetic; its logits stay within this of PyTorch's.
 ONNX_TOLERANCE = 1e-3
 ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -57,10 +58,12 @@ def export_bundle(
     samples: int = 32,
     tolerance: float | None = None,
     trust_remote_code: bool = False,
+    gguf_type: str | None = None,
 ) -> ExportResult:
     """A deployable bundle at ``out`` from a run directory (merged and verified first) or a merged folder.
 
-    ``formats``: ``safetensors`` (the merged weights) and/or ``onnx`` (``model.onnx``, encoder tasks only);
+    ``formats``: ``safetensors`` (the merged weights), ``onnx`` (``model.onnx``, encoder tasks only) and/or
+    ``gguf`` (``model-<TYPE>.gguf`` of ``gguf_type`` f32, f16 or q8_0, Llama-architecture causal LMs);
     default: the recipe's ``[export] formats``. The bundle is staged beside ``out`` and renamed into place
     only when every check passed.
     """
@@ -88,7 +91,14 @@ def export_bundle(
             raise ExportError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
     if "onnx" in chosen:
         _check_onnx_possible(recipe.task_name, source_dir)
+    if gguf_type is not None and "gguf" not in chosen:
+        raise ExportError(f"--gguf-type {gguf_type} needs --format gguf")
+    if "gguf" in chosen:
+        gguf_type = gguf_type or "f32"
+        _check_gguf_possible(recipe, source_dir, report, gguf_type)
     started = time.perf_counter()
+    if "gguf" in chosen and dtype is None and report is None:
+        dtype = "float32"  # the GGUF file rounds once, from the exact merge, whatever [export] dtype says
     options = {
         "dtype": dtype,
         "max_shard_size": max_shard_size,
@@ -103,10 +113,22 @@ def export_bundle(
         _bundle_stage(source_dir, out_dir, report, overwrite, options) as (stage, merged),
     ):
         onnx_report = _export_onnx(stage, recipe, merged, samples) if "onnx" in chosen else None
+        gguf_report = (
+            _export_gguf(
+                stage,
+                recipe,
+                merged,
+                str(gguf_type),
+                samples,
+                tolerance if tolerance is not None else FP32_TOLERANCE,
+            )
+            if "gguf" in chosen
+            else None
+        )
         if "safetensors" not in chosen:
             for weights in [*stage.glob("*.safetensors"), stage / runs.SHARD_INDEX]:
                 weights.unlink(missing_ok=True)
-        if onnx_report is not None:  # the card shows what this bundle holds, and how to run it
+        if onnx_report is not None or gguf_report is not None:  # the card shows what it holds, how to run it
             bundle_report = runs.read_json(stage / runs.MERGE_REPORT)
             card_recipe, card_metrics, card_meta = card_inputs(bundle_report)
             write_model_card(
@@ -116,9 +138,12 @@ def export_bundle(
                 card_metrics,
                 card_meta,
                 onnx=onnx_report,
+                gguf=gguf_report,
                 weights="safetensors" in chosen,
             )
-        manifest = _manifest(stage, source_dir, chosen, merged, onnx_report, time.perf_counter() - started)
+        manifest = _manifest(
+            stage, source_dir, chosen, merged, onnx_report, gguf_report, time.perf_counter() - started
+        )
         runs.write_json_atomic(stage / runs.EXPORT_MANIFEST, manifest)
     return ExportResult(out_dir=out_dir, manifest=manifest)
 
@@ -194,6 +219,35 @@ def _check_onnx_possible(task_name: str, source: Path) -> None:
     missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if not _importable(name)]
     if missing:
         raise ExportError(f"--format onnx needs {', '.join(missing)}: {INSTALL_HINT}")
+
+
+def _check_gguf_possible(recipe: Any, source: Path, report: Mapping[str, Any] | None, gguf_type: str) -> None:
+    """GGUF covers Llama-architecture causal LMs with byte-level BPE tokenizers: refused otherwise, from the
+    base model's config and the saved tokenizer, before any weights are loaded."""
+    from peftkit.gguf_export import GGUF_TYPES, check_gguf_possible
+
+    if gguf_type not in GGUF_TYPES:
+        raise ExportError(f"--gguf-type {gguf_type}: use one of {', '.join(GGUF_TYPES)}")
+    if report is not None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(source))
+        tokenizer_folder = source
+    else:
+        from peftkit.merge import resolve_adapter
+        from peftkit.modeling import load_model_config
+
+        config = load_model_config(recipe.model)
+        tokenizer_folder = resolve_adapter(source, None)[0]
+    check_gguf_possible(recipe.task_name, config, tokenizer_folder, source)
+
+
+def _export_gguf(
+    stage: Path, recipe: Any, report: Mapping[str, Any], gguf_type: str, samples: int, tolerance: float
+) -> dict[str, Any]:
+    from peftkit.gguf_export import write_verified_gguf
+
+    return write_verified_gguf(stage, recipe, report, gguf_type, samples, tolerance)
 
 
 def _importable(name: str) -> bool:
@@ -357,6 +411,7 @@ def _manifest(
     formats: Sequence[str],
     report: Mapping[str, Any],
     onnx_report: Mapping[str, Any] | None,
+    gguf_report: Mapping[str, Any] | None,
     elapsed: float,
 ) -> dict[str, Any]:
     files = {}
@@ -372,6 +427,7 @@ def _manifest(
         "labels": report.get("labels"),
         "merge_verification": report.get("verification"),
         "onnx": dict(onnx_report) if onnx_report is not None else None,
+        "gguf": dict(gguf_report) if gguf_report is not None else None,
         "files": files,
         **runs.stack_record(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

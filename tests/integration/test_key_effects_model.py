@@ -88,38 +88,20 @@ def test_tokenizer_revision_remote_code_attention_and_dtype_reach_the_loaders(
 
 
 def write_llama_gguf(path: Path, model: Any, scale: float = 1.0) -> Path:
-    """The tiny Llama's float32 weights as a GGUF file (embeddings times ``scale``)."""
+    """The tiny Llama's float32 weights as a GGUF file (embeddings times ``scale``), with the hyper-parameters
+    and tensor layout of ``peftkit export --format gguf``; no tokenizer (the recipes name one)."""
     import gguf
 
-    config = model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    names = {
-        "model.embed_tokens.weight": "token_embd.weight",
-        "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight",
+    from peftkit.gguf_export import add_llama_hparams, llama_tensors
+
+    weights = {
+        name: tensor * scale if name == "model.embed_tokens.weight" else tensor
+        for name, tensor in model.state_dict().items()
     }
-    per_layer = {
-        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    }  # fmt: skip
-    for i in range(config.num_hidden_layers):
-        names.update(
-            {f"model.layers.{i}.{hf}.weight": f"blk.{i}.{gg}.weight" for hf, gg in per_layer.items()}
-        )
-    weights = model.state_dict()
-    for hf, gg in names.items():
-        tensor = weights[hf].float() * (scale if hf == "model.embed_tokens.weight" else 1.0)
-        writer.add_tensor(gg, tensor.numpy())
+    writer = gguf.GGUFWriter(str(path), "llama")
+    add_llama_hparams(writer, model.config)
+    for name, data, raw_dtype in llama_tensors(weights, model.config, "f32"):
+        writer.add_tensor(name, data, raw_dtype=raw_dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
