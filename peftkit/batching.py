@@ -3,8 +3,9 @@
 transformers' ``LengthGroupedSampler`` sorts each mega-batch longest → shortest and keeps that order, so
 training walks from long to short examples dozens of batches at a time. When length correlates with
 the label (SMS spam is long, ham is short) the model sees long runs of one class and ends every epoch
-on the short class: on SMS spam it predicted only "ham" after epoch 1. Here batches are built the
-same way (little padding) but visited in random order.
+on the short class: on SMS spam its validation spam F1 after epoch 1 was 0.886 against 0.938 in shuffled
+order (scripts/bench_batch_order.py, docs/recipe-reference.md). Here batches are built the same way
+(little padding) but visited in random order.
 """
 
 from __future__ import annotations

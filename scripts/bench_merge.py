@@ -13,6 +13,7 @@ Every measurement runs in a fresh process and reports its own wall times and pea
   validation sample, merge_and_unload, save, reload from disk and compare (the verification).
 
     .venv/bin/python scripts/bench_merge.py [--work /tmp/bench_merge] [--train-samples 400] [--repeats 2]
+                                            [--only MiniLM|SmolLM2]
 
 Not part of the test suite. Prints a Markdown table.
 """
@@ -205,6 +206,9 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=2, help="Measurements of each kind; the best is shown."
     )
+    parser.add_argument(
+        "--only", choices=[name.split()[0].split("-")[0] for name in MODELS], help="Measure one model only."
+    )
     parser.add_argument("--child", nargs=3, metavar=("KIND", "RUN", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--build", nargs="+", metavar="RECIPE RUN OVERRIDE", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -222,6 +226,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, spec in MODELS.items():
+        if args.only and not name.startswith(args.only):
+            continue
         run_dir = train(name, spec, args.work, args.train_samples, env)
         floors = [measure("floor", run_dir, args.work / "floor", env) for _ in range(args.repeats)]
         merges = [measure("merge", run_dir, args.work / "merged", env) for _ in range(args.repeats)]
