@@ -100,6 +100,21 @@ def user_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def run() -> None:
+    """The ``peftkit`` program (console script, ``python -m peftkit``): :func:`main` in its own process.
+
+    Only then may a command trade the process's later use for speed (``validate`` keeps bitsandbytes
+    unimported); called in-process (click's test runner, a notebook), the commands leave the process as
+    they found it.
+    """
+    main(prog_name="peftkit", obj={"own_process": True})
+
+
+def _own_process() -> bool:
+    context = click.get_current_context(silent=True)
+    return bool(context is not None and isinstance(context.obj, dict) and context.obj.get("own_process"))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="peftkit")
 def main() -> None:
@@ -159,8 +174,10 @@ def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
 
     loaded = load_recipe(recipe, overrides)
     _quiet_libraries()
-    from peftkit.preflight import check_recipe
+    from peftkit.preflight import check_recipe, leave_bitsandbytes_unimported
 
+    if _own_process():
+        leave_bitsandbytes_unimported(loaded)
     found = check_recipe(loaded)
     click.echo(f"# {recipe}: valid ({loaded.task_name}, adapter {loaded.adapter['method']})")
     for line in found:

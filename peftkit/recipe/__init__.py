@@ -956,9 +956,7 @@ def _check_combinations(
             )
     if train is not None:
         optim = str(train.get("optim", ""))
-        if ("8bit" in optim or "bnb" in optim or optim.startswith("paged_")) and not _installed(
-            "bitsandbytes"
-        ):
+        if bitsandbytes_optim(optim) and not _installed("bitsandbytes"):
             problems.append(
                 Problem(
                     "train.optim",
@@ -1218,6 +1216,16 @@ def _available_integrations(wanted: set[str]) -> set[str]:
     from transformers.integrations import get_available_reporting_integrations
 
     return set(get_available_reporting_integrations())
+
+
+def bitsandbytes_optim(optim: str) -> bool:
+    """Whether a ``[train] optim`` name is one of bitsandbytes' optimizers (8-bit, paged)."""
+    return "8bit" in optim or "bnb" in optim or optim.startswith("paged_")
+
+
+def uses_bitsandbytes(recipe: Recipe) -> bool:
+    """Whether the run needs bitsandbytes: a quantized base or one of its optimizers."""
+    return recipe.quantization is not None or bitsandbytes_optim(str(recipe.train.get("optim", "")))
 
 
 def _installed(module: str) -> bool:

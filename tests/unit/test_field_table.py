@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import typing
@@ -103,3 +104,55 @@ def test_validate_of_a_recipe_mistake_imports_no_heavy_library(
     assert lines[0] == "2"
     assert all(text in out for text in expected), out
     assert lines[-1] == "[]", out
+
+
+VALIDATE_AND_REPORT = (
+    "import sys\nfrom peftkit.cli import {entry}\n"
+    "sys.argv = ['peftkit', 'validate', {recipe!r}]\n"
+    "try:\n    {call}\nexcept SystemExit as exc:\n    code = exc.code\n"
+    "loaded = sys.modules.get('bitsandbytes')\n"
+    "print('exit', code, 'bitsandbytes', 'loaded' if loaded is not None else 'not loaded')\n"
+    "import bitsandbytes  # importable afterwards unless the process was the CLI's own\n"
+    "print('importable')\n"
+)
+
+
+def _validate_in_subprocess(tmp_path: Path, quantization: str, *, own_process: bool) -> str:
+    """``peftkit validate`` on a tiny BERT without weights, as the CLI's own process (``cli.run``) or called
+    in-process (click's ``main``, as tests and notebooks do); what it printed about bitsandbytes."""
+    from tests.hostile.test_recipes import _recipe, write_models
+
+    models = write_models(tmp_path)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(_recipe(models["bare"], models["train"], {}, quantization), encoding="utf-8")
+    if own_process:
+        code = VALIDATE_AND_REPORT.format(entry="run", recipe=str(recipe), call="run(); code = 0")
+    else:
+        call = "main.main(standalone_mode=True); code = 0"
+        code = VALIDATE_AND_REPORT.format(entry="main", recipe=str(recipe), call=call)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, env=env
+    )
+    return result.stdout + result.stderr
+
+
+def test_validate_process_leaves_bitsandbytes_unimported(tmp_path: Path) -> None:
+    """The `peftkit validate` process of a recipe that uses no bitsandbytes never imports it (peft would:
+    about a third of validate's time), and the recipe is still checked against the model and peft."""
+    out = _validate_in_subprocess(tmp_path, "", own_process=True)
+    assert "exit 0 bitsandbytes not loaded" in out, out
+    assert "# adapter: lora adapts 4 modules (query, value)" in out, out
+    assert "importable" not in out  # the process was validate's own: bitsandbytes stays blocked
+
+
+def test_validate_in_process_leaves_bitsandbytes_importable(tmp_path: Path) -> None:
+    """Called in-process (a test runner, a notebook), validate changes nothing a later QLoRA run needs."""
+    out = _validate_in_subprocess(tmp_path, "", own_process=False)
+    assert "exit 0 bitsandbytes" in out and "importable" in out, out
+
+
+def test_validate_of_a_qlora_recipe_checks_with_bitsandbytes(tmp_path: Path) -> None:
+    out = _validate_in_subprocess(tmp_path, "[quantization]\nbits = 4\n", own_process=True)
+    assert "exit 0 bitsandbytes" in out, out
+    assert "importable" in out, out  # not blocked: the recipe uses it
