@@ -605,7 +605,7 @@ def merge_adapters(
 @click.option(
     "--gguf-type",
     type=click.Choice(["f32", "f16", "q8_0"]),
-    help="Weights of the GGUF file (Llama-architecture causal LMs, for llama.cpp). Default: f32.",
+    help="GGUF weights (Llama-architecture causal LMs, for llama.cpp). Default: [export] gguf_type.",
 )
 @click.option("--dtype", type=DTYPE_CHOICE, help="Weights dtype of the safetensors files. Default: [export].")
 @click.option("--max-shard-size", help="Largest safetensors file, e.g. 2GB. Default: [export].")

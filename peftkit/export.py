@@ -94,7 +94,7 @@ def export_bundle(
     if gguf_type is not None and "gguf" not in chosen:
         raise ExportError(f"--gguf-type {gguf_type} needs --format gguf")
     if "gguf" in chosen:
-        gguf_type = gguf_type or "f32"
+        gguf_type = gguf_type or recipe.export.gguf_type
         _check_gguf_possible(recipe, source_dir, report, gguf_type)
     started = time.perf_counter()
     if "gguf" in chosen and dtype is None and report is None:

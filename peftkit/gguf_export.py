@@ -58,17 +58,26 @@ def check_gguf_possible(task_name: str, model_config: Any, tokenizer_folder: Pat
 
     if importlib.util.find_spec("gguf") is None:
         raise ExportError(f"--format gguf needs the gguf package: {INSTALL_HINT}")
+    problem = gguf_model_problem(task_name, model_config)
+    if problem is not None:
+        raise ExportError(f"{source}: {problem}")
+    tokenizer_kind(tokenizer_folder, source)
+
+
+def gguf_model_problem(task_name: str, model_config: Any) -> str | None:
+    """Why this writer cannot put a ``task_name`` run on this base model in a GGUF file (None: it can); from
+    the config alone, so ``peftkit validate`` says it for ``[export] formats = ["gguf"]``."""
     model_type = str(getattr(model_config, "model_type", "?"))
     if task_name != "seq2seq" or getattr(model_config, "is_encoder_decoder", False):
         kind = "an encoder-decoder model" if task_name == "seq2seq" else f"a {task_name} model ({model_type})"
-        raise ExportError(
-            f"{source}: --format gguf writes decoder-only language models (llama.cpp runs text generation), "
+        return (
+            f"GGUF export writes decoder-only language models (llama.cpp runs text generation), "
             f"and this run is {kind}; export it with --format safetensors"
             + (" or --format onnx" if task_name != "seq2seq" else "")
         )
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ExportError(
-            f"{source}: --format gguf writes Llama-architecture models (model_type 'llama': SmolLM2, "
+        return (
+            f"GGUF export writes Llama-architecture models (model_type 'llama': SmolLM2, "
             f"Llama 2/3, TinyLlama); this run's base is {model_type!r}, whose GGUF layout peftkit does not "
             "write (Qwen2, Mistral, Gemma, Phi and others are untested). Export --format safetensors and "
             "convert it with llama.cpp's convert_hf_to_gguf.py"
@@ -78,11 +87,11 @@ def check_gguf_possible(task_name: str, model_config: Any, tokenizer_folder: Pat
     if rope.get("rope_type", "default") != "default":
         unsupported.append(f"rope_type {rope['rope_type']!r}")
     if unsupported:
-        raise ExportError(
-            f"{source}: this Llama model has {', '.join(unsupported)}, which peftkit's GGUF writer does not "
+        return (
+            f"this Llama model has {', '.join(unsupported)}, which peftkit's GGUF writer does not "
             "carry (transformers' GGUF reader would not restore them either); export --format safetensors"
         )
-    tokenizer_kind(tokenizer_folder, source)
+    return None
 
 
 def tokenizer_kind(folder: Path, source: Path) -> str:

@@ -97,6 +97,11 @@ def _check_model(recipe: Recipe, task: Task, problems: list[Problem]) -> list[st
             problems.append(Problem("model.name_or_path", str(exc).removeprefix("model.name_or_path "), ""))
             return []
         return [f"# model checks skipped: {exc}"]
+    if "gguf" in recipe.export.formats:
+        from peftkit.gguf_export import gguf_model_problem
+
+        if (gguf := gguf_model_problem(task.name, config)) is not None:
+            problems.append(Problem("export.formats", gguf, ""))
     # what only the architecture tells (prefix tuning or EVA on an encoder-decoder, ...)
     refused = model_problem(recipe.adapter, task.name, config)
     if refused is not None:

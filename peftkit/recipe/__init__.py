@@ -125,7 +125,10 @@ class ExportSection(_Section):
 
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_shard_size: str = "2GB"
-    formats: tuple[Literal["safetensors", "onnx"], ...] = ("safetensors",)
+    formats: tuple[Literal["safetensors", "onnx", "gguf"], ...] = ("safetensors",)
+    gguf_type: Literal["f32", "f16", "q8_0"] = Field(
+        "f32", description="GGUF tensor type for formats = ['gguf'] (export --gguf-type overrides it)."
+    )
 
 
 # [adapter]: method → peft config class (adapters.METHODS). Keys besides `method` are forwarded to that class.

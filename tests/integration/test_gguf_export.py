@@ -47,6 +47,9 @@ save_strategy = "no"
 load_best_model_at_end = false
 logging_steps = 1
 output_dir = "{out}"
+
+[export]
+gguf_type = "f16"               # export --format gguf without --gguf-type takes it (a test says so)
 """
 
 
@@ -283,3 +286,28 @@ def test_a_wordpiece_tokenizer_is_refused(tiny_bert_dir: Path) -> None:
 
     with pytest.raises(ExportError, match=r"byte-level BPE.*WordPiece"):
         check_gguf_possible("seq2seq", LlamaConfig(), tiny_bert_dir, tiny_bert_dir)
+
+
+def test_export_takes_the_recipe_gguf_type(trained: tuple[Path, Path, Path]) -> None:
+    """`[export] gguf_type` is the default of `export --format gguf` (the fixture's recipe says f16)."""
+    work, run, _ = trained
+    out = work / "bundle-recipe-type"
+    result = run_cli("export", str(run), "--out", str(out), "--format", "gguf", "--samples", "4", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "model-F16.gguf").is_file() and not (out / "model-F32.gguf").exists()
+    assert json.loads((out / "peftkit_export.json").read_text())["gguf"]["gguf_type"] == "f16"
+
+
+def test_validate_refuses_gguf_for_a_model_it_cannot_write(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    """`[export] formats = ["gguf"]` on a BERT classifier: validate says so (export.formats), exit 2."""
+    (tmp_path / "train.csv").write_text("text,label\nhi,0\nho,1\n", encoding="utf-8")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        f'[model]\nname_or_path = "{tiny_bert_dir}"\n[task]\ntype = "seq_cls"\n'
+        '[data]\ntrain_file = "train.csv"\n[export]\nformats = ["safetensors", "gguf"]\n',
+        encoding="utf-8",
+    )
+    result = invoke_cli("validate", str(recipe))
+    assert result.exit_code == 2, result.output
+    assert f"{recipe}: export.formats: GGUF export writes decoder-only" in result.output, result.output
+    assert "Traceback" not in result.output
