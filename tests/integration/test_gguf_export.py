@@ -206,7 +206,8 @@ def test_unpermuted_q_and_k_fail_the_check_and_nothing_is_written(
     work, run, _ = trained
     monkeypatch.setattr(gguf_export, "llama_permute", lambda weights, *_: weights)
     out = work / "bundle-broken"
-    result = invoke_cli("export", str(run), "--out", str(out), "--format", "gguf", "--samples", "8")
+    args = ["--format", "gguf", "--gguf-type", "f32", "--samples", "8"]  # the recipe says f16
+    result = invoke_cli("export", str(run), "--out", str(out), *args)
     assert result.exit_code == 2, result.output
     assert "does not reproduce the merged model" in result.output and "Traceback" not in result.output
     assert not out.exists()
