@@ -50,8 +50,8 @@ def check_recipe(recipe: Recipe, *, with_training_arguments: bool = True) -> lis
 def leave_bitsandbytes_unimported(recipe: Recipe) -> None:
     """In validate's own process: keep bitsandbytes unimported when the run uses none of it.
 
-    peft imports bitsandbytes whenever it is installed (``peft/helpers.py``, for quantized layers), which is
-    about a third of ``peftkit validate``'s time on a 2-core CPU (docs/recipe-reference.md). The model
+    peft imports bitsandbytes whenever it is installed (``peft/helpers.py``, for quantized layers): about
+    2 s of the 9-10 s the model checks took here (docs/recipe-reference.md). The model
     validate builds sits on the meta device and is never quantized, so nothing there needs it. Not for
     ``finetune``: peft caches the library's absence, and a training process may need it later.
     """
