@@ -61,11 +61,20 @@ def load_model_config(section: ModelSection) -> Any:
 
 
 def load_tokenizer(section: ModelSection, source: str | None = None) -> Any:
-    """The tokenizer (fast), with a pad token guaranteed.
+    """The tokenizer (fast), with a pad token guaranteed (:func:`load_tokenizer_and_pad_policy`)."""
+    return load_tokenizer_and_pad_policy(section, source)[0]
 
-    Pad policy: keep the tokenizer's own pad token; otherwise reuse EOS (or UNK). Reusing EOS is
-    safe because padding is masked by position (attention mask, ``-100`` labels), never by token id,
-    so a real EOS in a target is still learned.
+
+def load_tokenizer_and_pad_policy(
+    section: ModelSection, source: str | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """The tokenizer, and the pad policy peftkit applied to it (recorded in the run's peftkit_run.json).
+
+    Pad policy: keep the tokenizer's own pad token; otherwise reuse EOS (or UNK), as most decoder-only
+    models (Llama, Mistral, GPT-2) ship without one. Reusing EOS is safe because padding is masked by
+    position (attention mask, ``-100`` labels), never by token id, so a real EOS in a target is still
+    learned; the one reader of the pad id, the last-token pooling of ``*ForSequenceClassification`` on
+    decoder models, sees no EOS in classification inputs (the tokenizer adds none there).
     """
     from transformers import AutoTokenizer
 
@@ -77,15 +86,40 @@ def load_tokenizer(section: ModelSection, source: str | None = None) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         raise _explain(section, "tokenizer", exc) from None
+    origin = "tokenizer"
     if tokenizer.pad_token is None:
-        fallback = tokenizer.eos_token or tokenizer.unk_token
+        origin, fallback = next(
+            ((which, token) for which in ("eos", "unk") if (token := getattr(tokenizer, f"{which}_token"))),
+            ("", None),
+        )
         if fallback is None:
             raise ModelLoadError(
                 f"tokenizer of {name!r} has no pad, eos or unk token; use a tokenizer that defines one"
             )
         tokenizer.pad_token = fallback
-        logger.info("tokenizer has no pad token: using %r", fallback)
-    return tokenizer
+        logger.info("tokenizer has no pad token: padding with its %s token %r", origin, fallback)
+    policy = {
+        "token": tokenizer.pad_token,
+        "id": tokenizer.pad_token_id,
+        "from": origin,  # the tokenizer's own pad token, or the eos / unk token reused as one
+        "side": tokenizer.padding_side,
+    }
+    return tokenizer, policy
+
+
+def align_pad_token_id(model: Any, tokenizer: Any) -> None:
+    """The model config's ``pad_token_id`` = the tokenizer's: ``*ForSequenceClassification`` on a decoder
+    model pools the last token that is not ``config.pad_token_id``, so a config that names another token
+    than the one the batches are padded with pools a pad position under right padding."""
+    pad_id = tokenizer.pad_token_id
+    config = model.config
+    if pad_id is None or getattr(config, "is_encoder_decoder", False):
+        return  # an encoder-decoder's pad id is set where it is built (warm_start_encoder_decoder)
+    current = getattr(config, "pad_token_id", None)
+    if current != pad_id:
+        if current is not None:
+            logger.info("model config pad_token_id %s → %s (the tokenizer's pad token)", current, pad_id)
+        config.pad_token_id = pad_id
 
 
 def quantization_config(quant: QuantizationSection, skip: list[str]) -> Any:
@@ -177,9 +211,7 @@ def load_model(
         raise _explain(section, "model", exc) from None
     if section.gguf_file:
         drop_gguf_marker(model)
-    pad_id = ctx.tokenizer.pad_token_id
-    if getattr(model.config, "pad_token_id", None) is None and pad_id is not None:
-        model.config.pad_token_id = pad_id  # classification heads on decoder models find the last token by it
+    align_pad_token_id(model, ctx.tokenizer)
     return model
 
 

@@ -49,7 +49,7 @@ def finetune(
     from peftkit.data import data_fingerprints, is_labelled, load_raw_datasets, tokenize_splits
     from peftkit.evaluation import evaluate_split
     from peftkit.lifecycle import run_lifecycle
-    from peftkit.modeling import load_model_config, load_model_for_training, load_tokenizer
+    from peftkit.modeling import load_model_config, load_model_for_training, load_tokenizer_and_pad_policy
     from peftkit.plan import measure_optimizer_state
     from peftkit.preflight import check_recipe, training_arguments
     from peftkit.tasks import TASKS
@@ -64,7 +64,8 @@ def finetune(
     with run_lifecycle(recipe, args, overwrite=overwrite, resume=resume) as run:
         # setup
         set_seed(recipe.train["seed"])
-        tokenizer = load_tokenizer(recipe.model)
+        tokenizer, pad_policy = load_tokenizer_and_pad_policy(recipe.model)
+        run.main_only(runs.update_meta, run.dir, pad_token=pad_policy)
         model_config = load_model_config(recipe.model)
         # data: in a distributed launch the main process loads and tokenizes first, filling the datasets
         # cache, and the others then read it

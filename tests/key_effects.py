@@ -81,6 +81,7 @@ KEY_EFFECT_TESTS: dict[str, str] = {
     "export.dtype": _EXPORT,
     "export.max_shard_size": _EXPORT,
     "export.formats": _EXPORT,
+    "export.gguf_type": "tests/integration/test_gguf_export.py::test_export_takes_the_recipe_gguf_type",
     # [train]: peftkit's own keys (the others are TrainingArguments fields, forwarded unchanged)
     "train.output_dir": "tests/integration/test_cli_seq_cls.py::test_run_directory_has_every_artifact",
     "train.deepspeed": "tests/distributed/test_launchers.py::test_two_process_run_matches_single_process",

