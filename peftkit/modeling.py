@@ -88,10 +88,8 @@ def load_tokenizer_and_pad_policy(
         raise _explain(section, "tokenizer", exc) from None
     origin = "tokenizer"
     if tokenizer.pad_token is None:
-        origin, fallback = next(
-            ((which, token) for which in ("eos", "unk") if (token := getattr(tokenizer, f"{which}_token"))),
-            ("", None),
-        )
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        origin = "eos" if tokenizer.eos_token else "unk"
         if fallback is None:
             raise ModelLoadError(
                 f"tokenizer of {name!r} has no pad, eos or unk token; use a tokenizer that defines one"

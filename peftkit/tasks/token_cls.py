@@ -321,8 +321,10 @@ def needs_leading_spaces(tokenizer: Any) -> bool:
     words = ["Tagging", "words", "of", "London"]
     text = tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]
     plain = tokenizer(words, is_split_into_words=True, add_special_tokens=False)["input_ids"]
-    spaced = tokenizer(with_leading_spaces(words), is_split_into_words=True, add_special_tokens=False)
-    answer = plain != text and spaced["input_ids"] == text
+    spaced = tokenizer(with_leading_spaces(words), is_split_into_words=True, add_special_tokens=False)[
+        "input_ids"
+    ]
+    answer = plain != text and spaced == text
     tokenizer._peftkit_leading_spaces = answer
     return answer
 
