@@ -324,7 +324,7 @@ def test_config_checks() -> None:
 def test_model_kwargs_and_task_wiring(tokenizer: Any) -> None:
     kwargs = TASK.model_kwargs(ctx_for(tokenizer))
     assert kwargs["num_labels"] == 9 and kwargs["id2label"][7] == "B-PER" and kwargs["label2id"]["I-PER"] == 8
-    assert TASK.peft_task_type(None) == "TOKEN_CLS" and TASK.head_modules == ("classifier",)
+    assert TASK.peft_task_type(None) == "TOKEN_CLS" and TASK.head_modules == ("classifier", "score")
     assert TASK.best_metric(TokenClsConfig()) == ("f1", True)
     assert TASK.model_class(None).__name__ == "AutoModelForTokenClassification"
 
