@@ -87,6 +87,25 @@ def quiet_libraries(*, deepspeed: bool = False, four_bit: bool = False) -> None:
     )
 
 
+def follow_transformers_progress_switch() -> None:
+    """transformers' GGUF reader draws its own tqdm bar ("Converting and de-quantizing GGUF tensors"):
+    ``modeling_gguf_pytorch_utils`` imports tqdm directly, so transformers' progress-bar switch does not reach
+    it. Called before a GGUF file is read: the bar then shows exactly when transformers' own bars do (off in
+    a log file under the CLI, see :func:`quiet_libraries`, or wherever the user switched them off)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    original = getattr(gguf_utils, "_peftkit_tqdm", None) or gguf_utils.tqdm
+    gguf_utils._peftkit_tqdm = original  # type: ignore[attr-defined]
+
+    def bar(*args: Any, **kwargs: Any) -> Any:
+        if not hf_logging.is_progress_bar_enabled():
+            kwargs["disable"] = True
+        return original(*args, **kwargs)
+
+    gguf_utils.tqdm = bar
+
+
 def configure_library(module: str, environment: dict[str, str], configure: Any) -> None:
     """Configure a library now if this process has imported it, else through the environment variables
     it reads when it is imported (importing transformers or datasets only to configure them costs seconds

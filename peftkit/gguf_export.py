@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from peftkit.console import follow_transformers_progress_switch
 from peftkit.errors import ExportError
 
 logger = logging.getLogger(__name__)
@@ -339,6 +340,7 @@ def write_verified_gguf(
     write_s = time.perf_counter() - started
 
     mark = time.perf_counter()
+    follow_transformers_progress_switch()
     reloaded = AutoModelForCausalLM.from_pretrained(str(alone), gguf_file=file_name, dtype=torch.float32)
     candidate = torch_outputs(reloaded, sample)
     del reloaded

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.adapters import present_heads
+from peftkit.console import follow_transformers_progress_switch
 from peftkit.errors import ModelLoadError
 from peftkit.recipe import ModelSection, QuantizationSection
 from peftkit.tasks.base import Task, TaskContext
@@ -200,6 +201,8 @@ def load_model(
         )
         kwargs["quantization_config"] = quantization_config(quant, skip)
         kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+    if section.gguf_file:
+        follow_transformers_progress_switch()
     try:
         if section.decoder_name_or_path:
             model = warm_start_encoder_decoder(section, kwargs)

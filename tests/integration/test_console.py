@@ -144,3 +144,35 @@ def test_the_filters_drop_only_the_notices_that_do_not_apply() -> None:
     assert "gemm_4bit_forward" not in outputs["cpu"] and "unable to detect" not in outputs["cpu"]
     assert "gemm_4bit_forward" in outputs["4bit"] and "unable to detect" not in outputs["4bit"]
     assert "gemm_4bit_forward" not in outputs["ds"] and "unable to detect" in outputs["ds"]
+
+
+def test_the_gguf_readers_bar_follows_the_transformers_switch() -> None:
+    """transformers' GGUF reader imports tqdm itself, past transformers' progress-bar switch: peftkit routes
+    it through the switch, so the CLI's quiet console (switch off in a log file) has no GGUF bar either,
+    and a user who keeps transformers' bars on keeps this one."""
+    script = textwrap.dedent(
+        """
+        import sys
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+        from transformers.utils import logging as hf_logging
+        from peftkit.console import follow_transformers_progress_switch, quiet_libraries
+        if sys.argv[1] == "quiet":
+            quiet_libraries()  # stderr is a pipe here: progress bars off
+        else:
+            hf_logging.enable_progress_bar()
+        follow_transformers_progress_switch()
+        for _ in gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    stderr = {}
+    for mode in ("quiet", "bars"):
+        result = subprocess.run(
+            [sys.executable, "-c", script, mode], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr
+        stderr[mode] = result.stderr
+    assert "GGUF tensors" not in stderr["quiet"], stderr["quiet"]
+    assert stderr["bars"].count("Converting and de-quantizing GGUF tensors") >= 1, stderr["bars"]
