@@ -676,12 +676,11 @@ def main(argv: Sequence[str] | None = None, script: str = __file__) -> dict[str,
     info = machine()
     print(f"bench_train: arms {arms}, {args.threads} thread(s), work folder {args.work}", file=sys.stderr)
 
-    from transformers import AutoConfig
-
+    from peftkit.modeling import load_model_config
     from peftkit.recipe import load_recipe
 
     recipe = load_recipe(RECIPES.get(args.recipe, args.recipe))
-    config = AutoConfig.from_pretrained(recipe.model.name_or_path)
+    config = load_model_config(recipe.model)  # a folder, a Hub id or a GGUF file, as the run reads it
     batch = recipe.train["per_device_train_batch_size"]
     ceiling = matmul_ceiling(
         config.hidden_size,

@@ -225,3 +225,52 @@ def test_words_are_tokenized_as_in_running_text() -> None:
     ids = window.word_ids
     firsts = [pieces[i] for i, w in enumerate(ids) if w is not None and (i == 0 or ids[i - 1] != w)]
     assert len(firsts) == len(words) and all(p.startswith("Ġ") for p in firsts[1:])
+
+
+def test_bf16_weights_and_bf16_autocast_train_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``[model] dtype = "bfloat16"`` with ``[train] bf16 = true`` on the CPU, through ``peftkit finetune``:
+    every training forward of the Llama classifier runs on bfloat16 weights under CPU bf16 autocast, the run
+    ends completed with a finite loss, the saved ``score`` head is bfloat16, and ``predict`` gives the saved
+    test predictions again. (SmolLM2's step time and memory in bf16 against fp32: docs/memory.md.)"""
+    import functools
+    import math
+
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    seen: list[tuple[bool, torch.dtype, torch.dtype]] = []
+    original = transformers.LlamaForSequenceClassification.forward
+
+    @functools.wraps(original)  # the Trainer reads the forward's signature to keep the model's columns
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():
+            seen.append(
+                (
+                    torch.is_autocast_enabled("cpu"),
+                    torch.get_autocast_dtype("cpu"),
+                    self.model.embed_tokens.weight.dtype,
+                )
+            )
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.LlamaForSequenceClassification, "forward", forward)
+    write_seq_cls_data(tmp_path)
+    model = save_tiny_smollm_llama(tmp_path / "model")
+    text = SEQ_CLS_RECIPE.replace(
+        'name_or_path = "{model}"\n', 'name_or_path = "{model}"\ndtype = "bfloat16"\n'
+    )
+    text = text.replace("[train]\n", "[train]\nbf16 = true\n")
+    assert text.count("bfloat16") == 1 and text.count("bf16 = true") == 1
+    run = finetune(tmp_path, text, model=model)
+
+    assert seen and set(seen) == {(True, torch.bfloat16, torch.bfloat16)}, set(seen)
+    assert json.loads((run / "peftkit_run.json").read_text())["status"] == "completed"
+    assert math.isfinite(json.loads((run / "metrics.json").read_text())["train"]["train_loss"])
+    tensors = load_file(run / "adapter_model.safetensors")
+    assert tensors["base_model.model.score.weight"].dtype == torch.bfloat16
+    saved = read_jsonl(run / "predictions_test.jsonl")
+    again = tmp_path / "again.jsonl"
+    result = invoke_cli("predict", str(run), "--input", str(tmp_path / "test.csv"), "--output", str(again))
+    assert result.exit_code == 0, result.output
+    assert [r["prediction"] for r in read_jsonl(again)] == [r["prediction"] for r in saved]
