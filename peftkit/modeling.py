@@ -212,8 +212,24 @@ def load_model(
         raise _explain(section, "model", exc) from None
     if section.gguf_file:
         drop_gguf_marker(model)
+    if quant is not None:
+        keep_trained_4bit_layout(model)
     align_pad_token_id(model, ctx.tokenizer)
     return model
+
+
+def keep_trained_4bit_layout(model: Any) -> None:
+    """Keep every bitsandbytes 4-bit layer in the layout it was quantized (and trained) in, on every CPU.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weight in place the first time the layer
+    runs without gradients in eval mode (the absmax scales cast to bfloat16). That repacking raises a
+    RuntimeError on a layer narrower than one quantization block, a later ``.to()`` of the packed weight
+    corrupts it (bitsandbytes-foundation/bitsandbytes#2078), and evaluation would run another kernel than
+    training did on exactly those CPUs. peftkit's evaluation, predictions and merge parity checks must not
+    depend on which CPU they ran on, so the layers keep the plain layout (docs/stack-notes.md)."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_model_for_training(

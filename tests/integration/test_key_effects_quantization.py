@@ -58,3 +58,45 @@ def test_quantization_keys_shape_the_quantized_base(tmp_path: Path, monkeypatch:
     assert isinstance(layer.output.dense, bitsandbytes.nn.Linear4bit)
     assert not isinstance(layer.intermediate.dense, bitsandbytes.nn.Linear4bit)
     assert layer.output.dense.weight.quant_state.quant_type == "fp4"
+
+
+def test_a_4bit_base_keeps_its_trained_layout_on_a_bf16_cpu(
+    tmp_path: Path, tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a CPU with AVX512-BF16 bitsandbytes repacks a 4-bit layer in place at its first no-grad eval
+    forward, which fails on the 32-wide tiny BERT (narrower than a 64-value block) and would make evaluation
+    CPU-dependent. The CPU's answer is forced to "yes" here, so the test means the same on every machine:
+    finetune (training, then validation and test evaluation) completes and no layer was repacked."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes
+    import bitsandbytes.nn.modules as bnb_modules
+    import transformers
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    loaded: list[Any] = []
+    original = transformers.PreTrainedModel.from_pretrained.__func__
+
+    def from_pretrained(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        model = original(cls, *args, **kwargs)
+        if "quantization_config" in kwargs:
+            loaded.append(model)
+        return model
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(from_pretrained))
+    write_csv(tmp_path / "train.csv", 16)
+    write_csv(tmp_path / "validation.csv", 8, offset=1)
+    write_csv(tmp_path / "test.csv", 8, offset=2)
+    raw = {
+        "model": {"name_or_path": str(tiny_bert_dir)},
+        "task": {"type": "seq_cls", "max_length": 16},
+        "data": {"train_file": "train.csv", "validation_file": "validation.csv", "test_file": "test.csv"},
+        "adapter": {"r": 4, "target_modules": ["query", "value"]},
+        "quantization": {"bits": 4},
+        "train": quick_train(max_steps=2),
+    }
+    run = finetune_raw(raw, tmp_path)
+    [model] = loaded
+    layers = [m for m in model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    assert (run / "predictions_test.jsonl").is_file()
