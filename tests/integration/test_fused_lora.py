@@ -96,9 +96,9 @@ def test_fused_path_is_the_same_run_as_peft_layers(
     fused_losses, peft_losses = _losses(fused), _losses(peft)
     assert len(fused_losses) == len(peft_losses) == STEPS
     assert len(set(peft_losses)) > 1  # it trains: the losses move
-    # The same arithmetic in another order (one GEMM for the base and LoRA parts): float32 rounding, carried
-    # through the steps. Up to 1.4e-6 relative on an AVX512-BF16 CPU, under 1e-6 before; a real difference
-    # (scaling, dropout, a missed layer) is orders of magnitude larger.
+    # The same maths in another order (the fused backward computes the gradients of A, B and x itself):
+    # float32 rounding, carried through the steps. Up to 1.4e-6 relative on an AVX512-BF16 CPU, under 1e-6
+    # before; a real difference (scaling, dropout, a missed layer) is orders of magnitude larger.
     tolerance = 1e-5
     for a, b in zip(fused_losses, peft_losses, strict=True):
         assert abs(a - b) <= tolerance * abs(b), (fused_losses, peft_losses)
