@@ -95,14 +95,16 @@ def follow_transformers_progress_switch() -> None:
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
-    original = getattr(gguf_utils, "_peftkit_tqdm", None) or gguf_utils.tqdm
-    gguf_utils._peftkit_tqdm = original  # type: ignore[attr-defined]
+    original = gguf_utils.tqdm
+    if getattr(original, "follows_transformers_switch", False):
+        return  # routed by an earlier load
 
     def bar(*args: Any, **kwargs: Any) -> Any:
         if not hf_logging.is_progress_bar_enabled():
             kwargs["disable"] = True
         return original(*args, **kwargs)
 
+    bar.follows_transformers_switch = True  # type: ignore[attr-defined]
     gguf_utils.tqdm = bar
 
 

@@ -11,18 +11,11 @@ import pytest
 from tests.integration.key_effects_common import finetune_raw, quick_train, write_csv
 
 
-def test_quantization_keys_shape_the_quantized_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """bits, quant_type, double_quant and compute_dtype reach the BitsAndBytesConfig the base model is
-    loaded with; skip_modules keeps those layers in full precision (the others are 4-bit)."""
-    pytest.importorskip("bitsandbytes")
-    import bitsandbytes
+def record_quantized_loads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, Any]]:
+    """(quantization_config, model) of every ``from_pretrained`` that loads a quantized model from now on."""
     import transformers
 
-    from tests.integration.test_merge_tasks import save_tiny_bert
-
-    # bitsandbytes' CPU 4-bit kernels pack 64 inputs per block: the 32-wide tiny BERT is too narrow
-    model_dir = save_tiny_bert(tmp_path / "bert-64", hidden=64)
-    loaded: list[Any] = []
+    loaded: list[tuple[Any, Any]] = []
     original = transformers.PreTrainedModel.from_pretrained.__func__
 
     def from_pretrained(cls: Any, *args: Any, **kwargs: Any) -> Any:
@@ -32,6 +25,20 @@ def test_quantization_keys_shape_the_quantized_base(tmp_path: Path, monkeypatch:
         return model
 
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(from_pretrained))
+    return loaded
+
+
+def test_quantization_keys_shape_the_quantized_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bits, quant_type, double_quant and compute_dtype reach the BitsAndBytesConfig the base model is
+    loaded with; skip_modules keeps those layers in full precision (the others are 4-bit)."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes
+
+    from tests.integration.test_merge_tasks import save_tiny_bert
+
+    # bitsandbytes' CPU 4-bit kernels pack 64 inputs per block: the 32-wide tiny BERT is too narrow
+    model_dir = save_tiny_bert(tmp_path / "bert-64", hidden=64)
+    loaded = record_quantized_loads(monkeypatch)
     write_csv(tmp_path / "train.csv", 16)
     write_csv(tmp_path / "validation.csv", 8, offset=1)
     raw = {
@@ -70,19 +77,9 @@ def test_a_4bit_base_keeps_its_trained_layout_on_a_bf16_cpu(
     pytest.importorskip("bitsandbytes")
     import bitsandbytes
     import bitsandbytes.nn.modules as bnb_modules
-    import transformers
 
     monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
-    loaded: list[Any] = []
-    original = transformers.PreTrainedModel.from_pretrained.__func__
-
-    def from_pretrained(cls: Any, *args: Any, **kwargs: Any) -> Any:
-        model = original(cls, *args, **kwargs)
-        if "quantization_config" in kwargs:
-            loaded.append(model)
-        return model
-
-    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(from_pretrained))
+    loaded = record_quantized_loads(monkeypatch)
     write_csv(tmp_path / "train.csv", 16)
     write_csv(tmp_path / "validation.csv", 8, offset=1)
     write_csv(tmp_path / "test.csv", 8, offset=2)
@@ -95,7 +92,7 @@ def test_a_4bit_base_keeps_its_trained_layout_on_a_bf16_cpu(
         "train": quick_train(max_steps=2),
     }
     run = finetune_raw(raw, tmp_path)
-    [model] = loaded
+    [(_, model)] = loaded
     layers = [m for m in model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
     assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
